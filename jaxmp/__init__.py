@@ -1,0 +1,25 @@
+"""jaxmp: mixed-precision training and inference of language models in JAX/Flax."""
+
+from jaxmp.precision import Policy, auto_policy, get_policy
+from jaxmp.scaling import (
+    DynamicLossScale,
+    NoOpLossScale,
+    StaticLossScale,
+    all_finite,
+    default_loss_scale,
+    make_loss_scale,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Policy",
+    "get_policy",
+    "auto_policy",
+    "DynamicLossScale",
+    "NoOpLossScale",
+    "StaticLossScale",
+    "all_finite",
+    "default_loss_scale",
+    "make_loss_scale",
+]

@@ -1,0 +1,253 @@
+"""Precision policies: one string says what dtype every tensor is stored and computed in.
+
+Grammar (a superset of jmp's)::
+
+    SPEC     := BASE (';' OVERRIDE)*
+    BASE     := PRESET | KEY '=' DTYPE (',' KEY '=' DTYPE)*
+    OVERRIDE := PATTERN ':' KEY '=' DTYPE (',' KEY '=' DTYPE)*
+    KEY      := params | p | compute | c | output | o
+    DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
+    PRESET   := fp32 | bf16 | fp16 | pure-bf16 | auto
+
+Differences from ``jmp.get_policy``:
+
+* ``output`` defaults to **float32** when omitted (jmp makes it follow ``compute``).
+  Losses and model outputs stay fp32 unless a user asks otherwise.
+* ``half`` always means float16 (jmp picks bfloat16 on TPU).
+* Per-module overrides: ``PATTERN`` is a regular expression matched (``re.fullmatch``)
+  against a module path such as ``blocks_0/attn/softmax``; the first matching
+  override wins, and keys it leaves out keep the base policy's value.
+* fp32 islands: when no user override matches, paths that name a normalisation
+  (``norm`` anywhere), an attention softmax (last part ``softmax``) or the final
+  logits (last part ``logits``) compute in float32. A user override for such a path
+  replaces the island, e.g. ``bf16;.*softmax:compute=bf16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jmp
+import numpy as np
+
+__all__ = ["Policy", "get_policy", "auto_policy", "parse_dtype", "dtype_name", "FP32_ISLANDS"]
+
+_DTYPE_NAMES: Mapping[str, Any] = {
+    "float32": jnp.float32,
+    "f32": jnp.float32,
+    "fp32": jnp.float32,
+    "full": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "f16": jnp.float16,
+    "fp16": jnp.float16,
+    "half": jnp.float16,
+}
+_KEYS: Mapping[str, str] = {
+    "params": "param_dtype",
+    "p": "param_dtype",
+    "compute": "compute_dtype",
+    "c": "compute_dtype",
+    "output": "output_dtype",
+    "o": "output_dtype",
+}
+_CANONICAL_KEY = {"param_dtype": "params", "compute_dtype": "compute", "output_dtype": "output"}
+_FIELDS = ("param_dtype", "compute_dtype", "output_dtype")
+
+# Module paths that compute in float32 unless a user override matches them first.
+FP32_ISLANDS = re.compile(r".*norm.*|(.*/)?softmax|(.*/)?logits")
+
+_PRESETS: Mapping[str, str] = {
+    "fp32": "params=float32,compute=float32,output=float32",
+    "bf16": "params=float32,compute=bfloat16,output=float32",
+    "fp16": "params=float32,compute=float16,output=float32",
+    "pure-bf16": "params=bfloat16,compute=bfloat16,output=float32",
+}
+
+
+def _jmp_policy(param_dtype, compute_dtype, output_dtype) -> jmp.Policy:
+    # jmp keys its printing tables by jnp scalar types, not numpy dtypes.
+    return jmp.Policy(*(jnp.dtype(d).type for d in (param_dtype, compute_dtype, output_dtype)))
+
+
+def parse_dtype(name: str) -> np.dtype:
+    """Returns the numpy dtype for a dtype name of the grammar; ``ValueError`` if unknown."""
+    try:
+        return np.dtype(_DTYPE_NAMES[name.strip().lower()])
+    except KeyError:
+        valid = ", ".join(_DTYPE_NAMES)
+        raise ValueError(f"unknown dtype {name!r}; valid dtypes: {valid}") from None
+
+
+def dtype_name(dtype: Any) -> str:
+    """Canonical grammar name of a dtype (``float32``, ``bfloat16`` or ``float16``)."""
+    return np.dtype(dtype).name
+
+
+def _parse_assignments(text: str, *, where: str) -> dict[str, np.dtype]:
+    """Parses ``key=dtype,key=dtype`` into ``{field: dtype}``."""
+    if not text.strip():
+        raise ValueError(f"empty {where}; expected key=dtype pairs with keys {', '.join(_KEYS)}")
+    assignments: dict[str, np.dtype] = {}
+    for token in text.split(","):
+        if "=" not in token:
+            raise ValueError(
+                f"{token.strip()!r} in {where} is not key=dtype; keys: {', '.join(_KEYS)}"
+            )
+        key, value = (part.strip() for part in token.split("=", 1))
+        field = _KEYS.get(key.lower())
+        if field is None:
+            raise ValueError(f"unknown key {key!r} in {where}; valid keys: {', '.join(_KEYS)}")
+        if field in assignments:
+            raise ValueError(f"duplicate key {key!r} in {where}; give each of params/compute/output once")
+        assignments[field] = parse_dtype(value)
+    return assignments
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """An immutable mixed-precision policy with per-module overrides.
+
+    Attributes:
+      param_dtype: storage dtype of master parameters (numpy dtype).
+      compute_dtype: dtype of activations and matmul inputs.
+      output_dtype: dtype of model outputs and losses.
+      overrides: ``((pattern, ((field, dtype), ...)), ...)`` in priority order.
+    """
+
+    param_dtype: np.dtype = np.dtype(np.float32)
+    compute_dtype: np.dtype = np.dtype(np.float32)
+    output_dtype: np.dtype = np.dtype(np.float32)
+    overrides: tuple[tuple[str, tuple[tuple[str, np.dtype], ...]], ...] = ()
+
+    @property
+    def base(self) -> jmp.Policy:
+        """The policy without overrides, as a ``jmp.Policy``."""
+        return _jmp_policy(self.param_dtype, self.compute_dtype, self.output_dtype)
+
+    def for_module(self, path: str) -> jmp.Policy:
+        """The ``jmp.Policy`` for the module at ``path`` (e.g. ``"blocks_0/attn/softmax"``)."""
+        fields = {name: getattr(self, name) for name in _FIELDS}
+        for pattern, assignments in self.overrides:
+            if re.fullmatch(pattern, path):
+                fields.update(assignments)
+                return _jmp_policy(**fields)
+        if FP32_ISLANDS.fullmatch(path):
+            fields["compute_dtype"] = np.dtype(np.float32)
+        return _jmp_policy(**fields)
+
+    @property
+    def compute_dtypes(self) -> frozenset[np.dtype]:
+        """Every compute dtype this policy can use (base and overrides)."""
+        found = {self.compute_dtype}
+        for _, assignments in self.overrides:
+            found.update(dtype for field, dtype in assignments if field == "compute_dtype")
+        return frozenset(found)
+
+    def cast_to_param(self, tree):
+        """Casts floating-point leaves to ``param_dtype``; integer leaves are left alone."""
+        return self.base.cast_to_param(tree)
+
+    def cast_to_compute(self, tree):
+        """Casts floating-point leaves to ``compute_dtype``; integer leaves are left alone."""
+        return self.base.cast_to_compute(tree)
+
+    def cast_to_output(self, tree):
+        """Casts floating-point leaves to ``output_dtype``; integer leaves are left alone."""
+        return self.base.cast_to_output(tree)
+
+    def __str__(self) -> str:
+        base = ",".join(f"{_CANONICAL_KEY[f]}={dtype_name(getattr(self, f))}" for f in _FIELDS)
+        parts = [base]
+        for pattern, assignments in self.overrides:
+            body = ",".join(f"{_CANONICAL_KEY[f]}={dtype_name(d)}" for f, d in assignments)
+            parts.append(f"{pattern}:{body}")
+        return ";".join(parts)
+
+
+def _parse_override(text: str) -> tuple[str, tuple[tuple[str, np.dtype], ...]]:
+    if ":" not in text:
+        raise ValueError(
+            f"override {text.strip()!r} has no ':'; write PATTERN:key=dtype, e.g. .*norm.*:compute=float32"
+        )
+    # The pattern may itself contain ':' (e.g. '(?:...)'), the assignments never do.
+    pattern, body = text.rsplit(":", 1)
+    pattern = pattern.strip()
+    if not pattern:
+        raise ValueError(f"override {text.strip()!r} has an empty pattern; write PATTERN:key=dtype")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"bad regular expression {pattern!r} in override: {error}") from None
+    assignments = _parse_assignments(body, where=f"override {text.strip()!r}")
+    ordered = tuple((field, assignments[field]) for field in _FIELDS if field in assignments)
+    return pattern, ordered
+
+
+def _parse_base(text: str) -> dict[str, np.dtype]:
+    text = text.strip()
+    if text.lower() == "auto":
+        return _parse_base(auto_policy()[0])
+    if text.lower() in _PRESETS:
+        return _parse_assignments(_PRESETS[text.lower()], where="preset")
+    if "=" not in text:
+        valid = ", ".join([*_PRESETS, "auto"])
+        raise ValueError(
+            f"unknown policy {text!r}; use a preset ({valid}) or key=dtype pairs such as "
+            "params=float32,compute=bfloat16"
+        )
+    fields = _parse_assignments(text, where="policy")
+    fields.setdefault("param_dtype", np.dtype(np.float32))
+    fields.setdefault("compute_dtype", fields["param_dtype"])
+    fields.setdefault("output_dtype", np.dtype(np.float32))
+    return fields
+
+
+def get_policy(spec: str | Policy) -> Policy:
+    """Parses a policy string (see the module docstring); returns a ``Policy`` as is.
+
+    Raises:
+      ValueError: naming the offending token and what would be valid.
+    """
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("empty policy; use a preset (fp32, bf16, fp16, pure-bf16, auto) or key=dtype pairs")
+    base, *override_texts = spec.split(";")
+    fields = _parse_base(base)
+    overrides = tuple(_parse_override(text) for text in override_texts)
+    return Policy(**fields, overrides=overrides)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def auto_policy(devices: list | None = None) -> tuple[str, str]:
+    """Chooses a preset for the hardware; returns ``(preset, reason)``.
+
+    bf16 where it is native (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX or
+    AVX512-BF16), fp16 (with dynamic loss scaling) on older NVIDIA GPUs, fp32 otherwise.
+    """
+    device = (devices or jax.devices())[0]
+    if device.platform == "tpu":
+        return "bf16", f"{device.device_kind} is a TPU: bfloat16 is native"
+    if device.platform == "gpu":
+        capability = getattr(device, "compute_capability", None)
+        if capability is not None and float(capability) >= 8.0:
+            return "bf16", f"{device.device_kind} has compute capability {capability} >= 8.0: bfloat16 is native"
+        return "fp16", f"{device.device_kind} has compute capability {capability} < 8.0: float16 with loss scaling"
+    if device.platform == "cpu" and _cpu_has_native_bf16():
+        return "bf16", "the CPU has AMX-BF16 or AVX512-BF16 instructions"
+    return "fp32", f"{device.platform} has no native reduced-precision matmul"
