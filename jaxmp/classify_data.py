@@ -1,0 +1,260 @@
+"""Classification data for fine-tuning (``--task classify``): labelled text, tokenized to a fixed length.
+
+Files are TSV (unquoted, GLUE style, e.g. SST-2's ``label<TAB>sentence``), CSV or JSONL, with a ``text``
+or ``sentence`` column and an integer ``label`` column. Training batches are a pure function of
+``(seed, step)``: the rows are reshuffled every epoch by a permutation keyed by ``(seed, epoch)``.
+Evaluation batches go in file order; the last one is padded with weight-0 rows so that a weighted mean
+counts every row exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from jaxmp.data import DataError
+
+TEXT_COLUMNS = ("text", "sentence")  # the first of these that a file has holds the text
+LABEL_COLUMN = "label"
+_SUFFIXES = ".tsv, .csv or .jsonl"
+_INTEGER = re.compile(r"\s*[0-9]+\s*")
+_CLASSIFY_STREAM = 0x434C  # "CL": mixed into the shuffle key so other data streams never share its draws
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassificationData:
+    """Tokenized labelled rows, all padded or truncated to one length L.
+
+    Attributes:
+      input_ids: int32[N, L] token ids.
+      attention_mask: int32[N, L], 1 on real tokens, 0 on padding.
+      token_type_ids: int32[N, L] segment ids (all 0 for single sentences).
+      labels: int32[N] class ids.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_labels(self) -> int:
+        """One more than the largest label."""
+        return int(self.labels.max()) + 1
+
+    def batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        """Returns training batch ``step``: rows ``step * B ... step * B + B - 1`` of the shuffled stream.
+
+        The stream is epoch 0's permutation of the rows, then epoch 1's, ...; epoch ``e``'s permutation
+        depends only on ``(seed, e)``, so each epoch visits every row once and a batch may span two epochs.
+
+        Returns:
+          ``input_ids``, ``attention_mask``, ``token_type_ids`` int32[B, L]; ``labels`` int32[B];
+          ``weight`` float32[B] (all ones).
+        """
+        if seed < 0 or step < 0 or batch_size < 1:
+            raise DataError(f"need seed, step >= 0 and batch_size >= 1, got {seed}, {step}, {batch_size}")
+        epoch_B, offset_B = np.divmod(step * batch_size + np.arange(batch_size), len(self))
+        rows_B = np.empty(batch_size, np.int64)
+        for epoch in np.unique(epoch_B):
+            in_epoch_B = epoch_B == epoch
+            rows_B[in_epoch_B] = self._permutation(seed, int(epoch))[offset_B[in_epoch_B]]
+        return self._rows(rows_B, np.ones(batch_size, np.float32))
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Yields every row once, in order, ``batch_size`` at a time, as dicts like :meth:`batch`'s.
+
+        The last batch is filled up with copies of its first row whose ``weight`` is 0, so every batch has
+        shape [B, ...] and ``sum(weight * correct) / sum(weight)`` is the exact accuracy.
+        """
+        if batch_size < 1:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(self)))
+            weight_B = np.zeros(batch_size, np.float32)
+            weight_B[: len(rows)] = 1.0
+            rows_B = np.concatenate([rows, np.full(batch_size - len(rows), start)])
+            yield self._rows(rows_B, weight_B)
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        key = np.random.SeedSequence([_CLASSIFY_STREAM, seed, epoch])
+        return np.random.Generator(np.random.Philox(key)).permutation(len(self))
+
+    def _rows(self, rows_B: np.ndarray, weight_B: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": self.input_ids[rows_B],
+            "attention_mask": self.attention_mask[rows_B],
+            "token_type_ids": self.token_type_ids[rows_B],
+            "labels": self.labels[rows_B],
+            "weight": weight_B,
+        }
+
+
+def load_classification_data(
+    path: str | Path,
+    tokenizer_dir: str | Path,
+    max_length: int = 128,
+    limit: int | None = None,
+    num_labels: int | None = None,
+) -> ClassificationData:
+    """Reads labelled rows and tokenizes them with a local Hugging Face tokenizer.
+
+    Args:
+      path: a .tsv, .csv or .jsonl file with a ``text`` or ``sentence`` column and a ``label`` column.
+      tokenizer_dir: a local tokenizer directory (``transformers.AutoTokenizer``; nothing is downloaded).
+      max_length: L, the padded and truncated length, special tokens included.
+      limit: read only the first ``limit`` rows.
+      num_labels: when given, a label outside ``[0, num_labels)`` is an error.
+    """
+    texts, labels_N = read_labelled_rows(path, limit, num_labels)
+    tokenizer = _load_hf_tokenizer(tokenizer_dir)
+    encoded = tokenizer(
+        texts,
+        max_length=max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="np",
+        return_token_type_ids=True,
+        return_attention_mask=True,
+    )
+    return ClassificationData(
+        input_ids=encoded["input_ids"].astype(np.int32),
+        attention_mask=encoded["attention_mask"].astype(np.int32),
+        token_type_ids=encoded["token_type_ids"].astype(np.int32),
+        labels=labels_N,
+    )
+
+
+def read_labelled_rows(
+    path: str | Path, limit: int | None = None, num_labels: int | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Returns the texts (list of N str) and labels (int32[N]) of a .tsv, .csv or .jsonl file."""
+    path = Path(path).expanduser()
+    valid = f"expected a {_SUFFIXES} file with a text (or sentence) column and a label column"
+    readers = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}
+    if path.suffix.lower() not in readers:
+        raise DataError(f"classification file {path} has unsupported type {path.suffix!r}; {valid}")
+    if not path.is_file():
+        raise DataError(f"classification file {path} does not exist; {valid}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of rows, got {limit}")
+    texts, labels = [], []
+    text_column = None
+    for line, row in readers[path.suffix.lower()](path):
+        if limit is not None and len(labels) >= limit:
+            break
+        if text_column is None:
+            text_column = _text_column(path, list(row), valid)
+        texts.append(_field(path, line, row, text_column, str))
+        labels.append(_label(path, line, _field(path, line, row, LABEL_COLUMN, (str, int)), num_labels))
+    if not labels:
+        raise DataError(f"classification file {path} has no rows; {valid}")
+    return texts, np.array(labels, np.int32)
+
+
+def _text_column(path: Path, columns: list[str], valid: str) -> str:
+    found = [name for name in TEXT_COLUMNS if name in columns]
+    if not found or LABEL_COLUMN not in columns:
+        raise DataError(f"classification file {path} has columns {columns}; {valid}")
+    return found[0]
+
+
+def _field(path: Path, line: int, row: dict, column: str, kinds: type | tuple[type, ...]) -> object:
+    if column not in row:
+        raise DataError(f"{path}:{line}: row has no {column!r} field (it has {list(row)})")
+    value = row[column]
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise DataError(f"{path}:{line}: {column} {value!r} has the wrong type")
+    return value
+
+
+def _label(path: Path, line: int, value: str | int, num_labels: int | None) -> int:
+    if isinstance(value, str) and not _INTEGER.fullmatch(value):
+        raise DataError(f"{path}:{line}: label {value!r} is not an integer; labels must be 0, 1, 2, ...")
+    label = int(value)
+    if label < 0 or (num_labels is not None and label >= num_labels):
+        raise DataError(f"{path}:{line}: label {label} is outside [0, {num_labels or 'num_labels'})")
+    return label
+
+
+def _tsv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    return _delimited_rows(path, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    return _delimited_rows(path)
+
+
+def _delimited_rows(path: Path, **dialect) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yields (line number, {column: value}) for every non-blank row after the header."""
+    with _open_text(path) as file:
+        reader = csv.reader(file, **dialect)
+        try:
+            header = next(reader, [])
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}"
+                    )
+                yield reader.line_num, dict(zip(header, row, strict=True))
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise DataError(f"{path}: cannot parse ({error}); expected UTF-8 {path.suffix[1:]}") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yields (line number, object) for every non-blank line, each a JSON object."""
+    with _open_text(path) as file:
+        line = 0
+        try:
+            for line, text in enumerate(file, start=1):
+                if not text.strip():
+                    continue
+                row = json.loads(text)
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{line}: expected a JSON object, found {type(row).__name__}")
+                yield line, row
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: cannot parse ({error}); expected UTF-8 JSON lines") from None
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}:{line}: invalid JSON ({error.msg}); expected one object per line"
+            ) from None
+
+
+def _open_text(path: Path) -> TextIO:
+    try:
+        return path.open(encoding="utf-8", newline="")
+    except OSError as error:
+        raise DataError(f"cannot read classification file {path}: {error.strerror or error}") from None
+
+
+def _load_hf_tokenizer(tokenizer_dir: str | Path):
+    """Loads a local Hugging Face tokenizer (never downloaded, never remote code)."""
+    from transformers import AutoTokenizer  # slow to import; only classification needs it
+
+    path = Path(tokenizer_dir).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"tokenizer {path} is not a directory; expected a local Hugging Face tokenizer directory"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise DataError(f"tokenizer {path} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
