@@ -98,7 +98,13 @@ class HFTokenizer:
 
     @classmethod
     def wrap(cls, backend: tokenizers.Tokenizer, eos_token: str | None = None) -> HFTokenizer:
-        """Wraps ``backend``; ``eos_token`` (else the first of the usual names in the vocab) is the eos."""
+        """Wraps ``backend``; ``eos_token`` (else the first of the usual names in the vocab) is the eos.
+
+        Padding and truncation that a tokenizer.json may carry are switched off in ``backend`` (they would
+        pad or cut a corpus), before its serialization is hashed into the name.
+        """
+        backend.no_padding()
+        backend.no_truncation()
         candidates = (eos_token,) if eos_token else _EOS_TOKENS
         eos_ids = [backend.token_to_id(token) for token in candidates]
         return cls(
