@@ -1,5 +1,6 @@
 """jaxmp: mixed-precision training and inference of language models in JAX/Flax."""
 
+from jaxmp.optim import make_optimizer, make_schedule
 from jaxmp.precision import Policy, auto_policy, get_policy
 from jaxmp.scaling import (
     DynamicLossScale,
@@ -9,6 +10,7 @@ from jaxmp.scaling import (
     default_loss_scale,
     make_loss_scale,
 )
+from jaxmp.train_step import TrainState, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,9 @@ __all__ = [
     "all_finite",
     "default_loss_scale",
     "make_loss_scale",
+    "make_optimizer",
+    "make_schedule",
+    "TrainState",
+    "make_train_step",
+    "make_eval_step",
 ]

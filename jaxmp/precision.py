@@ -97,9 +97,7 @@ def _parse_assignments(text: str, *, where: str) -> dict[str, np.dtype]:
     assignments: dict[str, np.dtype] = {}
     for token in text.split(","):
         if "=" not in token:
-            raise ValueError(
-                f"{token.strip()!r} in {where} is not key=dtype; keys: {', '.join(_KEYS)}"
-            )
+            raise ValueError(f"{token.strip()!r} in {where} is not key=dtype; valid keys: {', '.join(_KEYS)}")
         key, value = (part.strip() for part in token.split("=", 1))
         field = _KEYS.get(key.lower())
         if field is None:
@@ -184,7 +182,9 @@ def _parse_override(text: str) -> tuple[str, tuple[tuple[str, np.dtype], ...]]:
     try:
         re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"bad regular expression {pattern!r} in override: {error}") from None
+        raise ValueError(
+            f"bad regular expression {pattern!r} in override ({error}); write a valid Python regex"
+        ) from None
     assignments = _parse_assignments(body, where=f"override {text.strip()!r}")
     ordered = tuple((field, assignments[field]) for field in _FIELDS if field in assignments)
     return pattern, ordered
@@ -246,8 +246,14 @@ def auto_policy(devices: list | None = None) -> tuple[str, str]:
     if device.platform == "gpu":
         capability = getattr(device, "compute_capability", None)
         if capability is not None and float(capability) >= 8.0:
-            return "bf16", f"{device.device_kind} has compute capability {capability} >= 8.0: bfloat16 is native"
-        return "fp16", f"{device.device_kind} has compute capability {capability} < 8.0: float16 with loss scaling"
+            return (
+                "bf16",
+                f"{device.device_kind} has compute capability {capability} >= 8.0: bfloat16 is native",
+            )
+        return (
+            "fp16",
+            f"{device.device_kind} has compute capability {capability} < 8.0: float16 with loss scaling",
+        )
     if device.platform == "cpu" and _cpu_has_native_bf16():
         return "bf16", "the CPU has AMX-BF16 or AVX512-BF16 instructions"
     return "fp32", f"{device.platform} has no native reduced-precision matmul"

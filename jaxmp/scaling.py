@@ -235,6 +235,8 @@ def make_loss_scale(spec: str, policy: Policy) -> LossScale:
         except ValueError:
             value = float("nan")
         if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"bad static loss scale {spec!r}; write static:N with a number N > 0, e.g. static:128")
+            raise ValueError(
+                f"bad static loss scale {spec!r}; write static:N with a number N > 0, e.g. static:128"
+            )
         return StaticLossScale(value)
     raise ValueError(f"unknown loss scale {spec!r}; valid: auto, none, dynamic, static:N")

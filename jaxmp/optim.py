@@ -1,0 +1,118 @@
+"""The optimizer chain: clip -> AdamW (warmup + cosine) -> MultiSteps accumulation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["make_optimizer", "make_schedule", "current_learning_rate"]
+
+
+def make_schedule(
+    learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None, final_fraction: float = 0.1
+) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate``, then cosine decay to ``final_fraction`` of it.
+
+    Steps count optimizer updates (one per accumulation window), not micro-batches.
+    With ``total_steps=None`` the rate stays at ``learning_rate`` after warmup.
+    """
+    if total_steps is None:
+        if warmup_steps <= 0:
+            return optax.constant_schedule(learning_rate)
+        return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=learning_rate * final_fraction,
+    )
+
+
+def _decay_mask(params):
+    """Weight decay applies to matrices (ndim >= 2) only: not to biases or norm scales."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def _clip_adamw(learning_rate, clip_norm, weight_decay, b1, b2, eps, mu_dtype):
+    """The inner chain; a factory so that ``inject_hyperparams`` records the learning rate."""
+    transforms = []
+    if clip_norm is not None and clip_norm > 0:
+        transforms.append(optax.clip_by_global_norm(clip_norm))
+    transforms.append(
+        optax.adamw(
+            learning_rate,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            weight_decay=weight_decay,
+            mask=_decay_mask,
+        )
+    )
+    return optax.chain(*transforms)
+
+
+def make_optimizer(
+    learning_rate: float = 3e-4,
+    accum_steps: int = 1,
+    clip_norm: float | None = 1.0,
+    weight_decay: float = 0.1,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    mu_dtype=jnp.float32,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, AdamW with warmup + cosine decay, wrapped in ``optax.MultiSteps``.
+
+    The accumulator is fp32 and ``should_skip_update_fn=optax.skip_not_finite``: without
+    it MultiSteps keeps a NaN in its accumulator forever (``0 * NaN``). ``make_train_step``
+    additionally drops non-finite micro-steps before they reach the optimizer.
+
+    Args:
+      learning_rate: peak learning rate.
+      accum_steps: micro-batches averaged into one update (>= 1).
+      clip_norm: clip the accumulated (mean) gradient to this global norm; None or 0 disables.
+      weight_decay: decoupled AdamW weight decay on matrices (ndim >= 2).
+      warmup_steps: linear warmup updates.
+      total_steps: updates over which the cosine decays; None keeps the rate constant.
+      b1, b2, eps: Adam's hyperparameters.
+      mu_dtype: dtype of Adam's first moment.
+
+    Returns:
+      An optax ``GradientTransformation`` whose state records ``learning_rate``.
+    """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    schedule = make_schedule(learning_rate, warmup_steps, total_steps)
+    inner = optax.inject_hyperparams(_clip_adamw, static_args=("clip_norm", "mu_dtype"))(
+        learning_rate=schedule,
+        clip_norm=clip_norm,
+        weight_decay=weight_decay,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        mu_dtype=mu_dtype,
+    )
+    multi_steps = optax.MultiSteps(
+        inner,
+        every_k_schedule=accum_steps,
+        should_skip_update_fn=optax.skip_not_finite,
+        accumulator_dtype=jnp.float32,
+    )
+    return multi_steps.gradient_transformation()
+
+
+def current_learning_rate(opt_state) -> jax.Array:
+    """The learning rate recorded in an optimizer state by ``inject_hyperparams`` (NaN if none)."""
+    # inject_hyperparams keeps both the value (an array) and the schedule's state
+    # (a NamedTuple) under the name "learning_rate"; the value is the one wanted.
+    found = optax.tree.get(
+        opt_state, "learning_rate", default=None, filtering=lambda _, value: hasattr(value, "shape")
+    )
+    if found is None:
+        return jnp.asarray(jnp.nan, jnp.float32)
+    return jnp.asarray(found, jnp.float32)

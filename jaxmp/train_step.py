@@ -1,0 +1,196 @@
+"""``TrainState`` and the jitted mixed-precision train and eval steps.
+
+The precision policy is applied at exactly two places: the cast of master params to
+the compute dtype before the forward pass (skipped with ``cast_params=False`` for
+models that cast per module, as jaxmp's own models do), and the loss, which is
+always fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxmp.optim import current_learning_rate
+from jaxmp.precision import Policy, get_policy
+from jaxmp.scaling import LossScale, NoOpLossScale, all_finite
+
+__all__ = ["TrainState", "make_train_step", "make_eval_step", "first_nonfinite_leaf", "leaf_paths"]
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue, as one pytree of arrays.
+
+    Attributes:
+      step: int32 scalar, micro-steps taken (skipped ones included); batches are a
+        function of it, so a resumed run sees the batches it would have seen.
+      params: master parameters in the policy's param dtype.
+      opt_state: the optimizer's state (MultiSteps accumulator included).
+      loss_scale: a ``NoOpLossScale``, ``StaticLossScale`` or ``DynamicLossScale``.
+      rng: a PRNG key; each step uses ``fold_in(rng, step)``.
+      skipped_steps: int32 scalar, micro-steps dropped for non-finite gradients.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    loss_scale: LossScale
+    rng: jax.Array
+    skipped_steps: jax.Array
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        params: Any,
+        optimizer: optax.GradientTransformation,
+        loss_scale: LossScale | None = None,
+        rng: jax.Array | None = None,
+    ) -> TrainState:
+        """A fresh state: step 0, ``optimizer.init(params)``, no loss scaling by default."""
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            loss_scale=NoOpLossScale() if loss_scale is None else loss_scale,
+            rng=jax.random.key(0) if rng is None else rng,
+            skipped_steps=jnp.zeros((), jnp.int32),
+        )
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """'/'-joined key paths of a tree's leaves, in ``jax.tree.leaves`` order."""
+    return [
+        "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def first_nonfinite_leaf(tree: Any) -> jax.Array:
+    """int32 index (in ``jax.tree.leaves`` order) of the first leaf with a non-finite value, or -1."""
+    flags = jnp.stack([~jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)])
+    return jnp.where(flags.any(), jnp.argmax(flags), -1).astype(jnp.int32)
+
+
+def _zero_fraction(grads: Any) -> jax.Array:
+    """Fraction of gradient values that are exactly zero (fp32 scalar)."""
+    leaves = jax.tree.leaves(grads)
+    zeros = sum(jnp.sum(leaf == 0, dtype=jnp.float32) for leaf in leaves)
+    return zeros / sum(leaf.size for leaf in leaves)
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    policy: Policy | str,
+    *,
+    cast_params: bool = True,
+    cast_batch: bool = True,
+    jit: bool = True,
+    donate: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds ``step(state, batch) -> (state, metrics)``.
+
+    One micro-step: cast params to the compute dtype (if ``cast_params``), scale the
+    fp32 loss, differentiate w.r.t. the master params, unscale in fp32, check
+    finiteness, adjust the loss scale, and hand finite gradients to the optimizer. A
+    non-finite micro-step is dropped entirely: params, optimizer state and the
+    MultiSteps accumulator keep their exact bits, and it does not count toward the
+    accumulation window.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``; ``loss`` a scalar.
+      optimizer: e.g. ``make_optimizer(...)``.
+      policy: a ``Policy`` or policy string.
+      cast_params: cast every floating param to the policy's compute dtype before
+        ``loss_fn``. Pass False for models that cast per module (jaxmp's models), so
+        a module overridden to fp32 really sees fp32 weights.
+      cast_batch: cast the batch's floating-point leaves to the compute dtype; integer
+        leaves (token ids, labels) are never cast.
+      jit: wrap in ``jax.jit``.
+      donate: donate the input state's buffers (with ``jit``).
+
+    Returns:
+      The step. ``metrics`` holds fp32 scalars ``loss`` (unscaled), ``grad_norm``
+      (of this micro-step's unscaled gradient), ``loss_scale`` (after adjustment),
+      ``learning_rate``, ``grad_zero_fraction``; bool ``grads_finite``; int32
+      ``skipped_steps`` (cumulative) and ``nonfinite_leaf`` (first non-finite
+      gradient leaf, -1 if none; see ``leaf_paths``); and ``aux``.
+    """
+    policy = get_policy(policy)
+
+    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+
+        compute_batch = policy.cast_to_compute(batch) if cast_batch else batch
+
+        def scaled_loss(params):
+            compute_params = policy.cast_to_compute(params) if cast_params else params
+            loss, aux = loss_fn(compute_params, compute_batch, step_rng)
+            loss = loss.astype(jnp.float32)  # fp32 island: the loss
+            return state.loss_scale.scale(loss), (loss, aux)
+
+        scaled_grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(state.params)
+        grads = state.loss_scale.unscale(scaled_grads)  # fp32
+        grads_finite = all_finite(grads)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=_select(grads_finite, new_params, state.params),
+            opt_state=_select(grads_finite, new_opt_state, state.opt_state),
+            loss_scale=state.loss_scale.adjust(grads_finite),
+            skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
+            "loss_scale": new_state.loss_scale.loss_scale,
+            "grads_finite": grads_finite,
+            "skipped_steps": new_state.skipped_steps,
+            "learning_rate": current_learning_rate(new_state.opt_state),
+            "grad_zero_fraction": _zero_fraction(grads),
+            "nonfinite_leaf": first_nonfinite_leaf(grads),
+            "aux": aux,
+        }
+        return new_state, metrics
+
+    if jit:
+        return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    return train_step
+
+
+def make_eval_step(
+    loss_fn: LossFn,
+    policy: Policy | str,
+    *,
+    cast_params: bool = True,
+    cast_batch: bool = True,
+    jit: bool = True,
+) -> Callable[[Any, Any], tuple[jax.Array, Any]]:
+    """Builds ``eval_step(params, batch) -> (loss, aux)`` under the policy (fp32 loss).
+
+    ``cast_params`` and ``cast_batch`` as in ``make_train_step``. The rng passed to
+    ``loss_fn`` is a fixed key; models should run deterministically.
+    """
+    policy = get_policy(policy)
+
+    def eval_step(params: Any, batch: Any) -> tuple[jax.Array, Any]:
+        compute_params = policy.cast_to_compute(params) if cast_params else params
+        compute_batch = policy.cast_to_compute(batch) if cast_batch else batch
+        loss, aux = loss_fn(compute_params, compute_batch, jax.random.key(0))
+        return loss.astype(jnp.float32), aux
+
+    return jax.jit(eval_step) if jit else eval_step
