@@ -105,7 +105,9 @@ def test_non_finite_micro_step_is_dropped_entirely(jit):
         assert int(metrics["skipped_steps"]) == skipped_before + 1
         grads = jax.grad(lambda p, b=bad: mlp_loss(p, b, None)[0])(state.params)
         paths = leaf_paths(grads)
-        first_bad = next(p for p, g in zip(paths, jax.tree.leaves(grads)) if not np.isfinite(g).all())
+        first_bad = next(
+            p for p, g in zip(paths, jax.tree.leaves(grads), strict=True) if not np.isfinite(g).all()
+        )
         assert paths[int(metrics["nonfinite_leaf"])] == first_bad
         after = copy_tree((state.params, state.opt_state))
         jax.tree.map(np.testing.assert_array_equal, after, before)  # bitwise unchanged
