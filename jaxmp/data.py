@@ -22,7 +22,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -174,7 +174,8 @@ def _tokenizer_from_dir(path: Path) -> HFTokenizer:
         auto = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise DataError(
-            f"cannot load a tokenizer from directory {path}: {str(error).splitlines()[0]}"
+            f"cannot load a tokenizer from directory {path} ({str(error).splitlines()[0].rstrip(' :')}); "
+            "expected a tokenizer.json, or vocabulary files and a tokenizer_config.json"
         ) from None
     if not auto.is_fast:
         raise DataError(f"tokenizer directory {path} has no fast tokenizer; add a tokenizer.json")
@@ -252,10 +253,7 @@ def read_corpus(path: str | Path | None = None) -> Corpus:
     """Returns the corpus at ``path``: a UTF-8 text file, or a directory whose *.txt files are read in
     sorted order; ``None`` is the built-in tiny Shakespeare (1,115,394 bytes, public domain)."""
     if path is None:
-        content = _builtin_bytes()
-        return Corpus(
-            BUILTIN_CORPUS, (), hashlib.sha256(len(content).to_bytes(8, "little") + content).hexdigest()
-        )
+        return Corpus(BUILTIN_CORPUS, (), _content_hash([_builtin_bytes()])[0])
     path = Path(path).expanduser()
     valid = "expected a UTF-8 text file or a directory of *.txt files"
     if not path.exists():
@@ -268,14 +266,19 @@ def read_corpus(path: str | Path | None = None) -> Corpus:
         files = (path,)
     else:
         raise DataError(f"corpus {path} is not a regular file or directory; {valid}")
-    digest, num_bytes = hashlib.sha256(), 0
-    for file in files:  # one file in memory at a time
-        content = _read_utf8(file).encode("utf-8")
-        digest.update(len(content).to_bytes(8, "little") + content)
-        num_bytes += len(content)
+    sha256, num_bytes = _content_hash(_read_utf8(file).encode("utf-8") for file in files)
     if num_bytes == 0:
         raise DataError(f"corpus {path} is empty; {valid} with some text in it")
-    return Corpus(str(path), files, digest.hexdigest())
+    return Corpus(str(path), files, sha256)
+
+
+def _content_hash(contents: Iterable[bytes]) -> tuple[str, int]:
+    """Returns the sha256 hex digest over each content's length and bytes, and the total byte count."""
+    digest, num_bytes = hashlib.sha256(), 0
+    for content in contents:  # one document in memory at a time
+        digest.update(len(content).to_bytes(8, "little") + content)
+        num_bytes += len(content)
+    return digest.hexdigest(), num_bytes
 
 
 def _builtin_bytes() -> bytes:

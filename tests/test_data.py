@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,21 @@ def test_tokenizer_json_and_directory_loading():
     assert from_file.decode(from_file.encode(text)) == "hello, world! the quick brown fox."
     long_text = " ".join(["word"] * 1000)  # the file pads and truncates to 128 tokens; LM encoding must not
     np.testing.assert_array_equal(from_file.encode(long_text), [2773] * 1000)
+
+
+def test_directory_without_tokenizer_json_goes_through_transformers(tmp_path):
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / name, tmp_path / name)
+    converted = load_tokenizer(str(tmp_path))
+    reference = load_tokenizer(str(minilm_dir() / "tokenizer.json"))
+    text = "Hello, world! The quick brown fox."
+    np.testing.assert_array_equal(converted.encode(text), reference.encode(text))
+    assert converted.vocab_size == 30522 and converted.eos_id is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        DataError, match="cannot load a tokenizer from directory .*; expected a tokenizer.json"
+    ):
+        load_tokenizer(str(tmp_path / "empty"))
 
 
 def test_long_text_is_encoded_in_chunks_like_one_piece(small_corpus, tmp_path, monkeypatch):
