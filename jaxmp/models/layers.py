@@ -1,0 +1,475 @@
+"""Transformer layers whose dtypes come from a precision policy, module by module.
+
+Every layer carries the whole ``policy`` and reads its own dtypes from
+``policy.for_module(path)``, where ``path`` is the layer's ``/``-joined Flax scope
+path (``blocks_0/attn/query``):
+
+* ``dtype`` is the compute dtype: inputs and the master params the layer owns are
+  cast to it; matmuls take it as input and accumulate in float32.
+* ``param_dtype`` is the storage dtype params are created in.
+
+So ``"bf16;.*attn.*:compute=float32"`` really runs every attention matmul in fp32.
+The fp32 islands of :mod:`jaxmp.precision` appear here one line each: norm statistics
+(:class:`LayerNorm`, :class:`RMSNorm`), the attention softmax (``<attn>/softmax``)
+and the final logits (``<head>/logits``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jmp
+import numpy as np
+
+from jaxmp.precision import Policy
+
+__all__ = [
+    "PolicyModule",
+    "Dense",
+    "Embed",
+    "LayerNorm",
+    "RMSNorm",
+    "RopeScaling",
+    "rope_inverse_frequencies",
+    "apply_rotary",
+    "Attention",
+    "GeluMLP",
+    "SwiGLU",
+    "LogitsHead",
+    "ModelOutput",
+    "ACTIVATIONS",
+    "make_attention_mask",
+    "apply_blocks",
+]
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf form (BERT)
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation (GPT-2)
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def _normal(std: float) -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+def _last_axis(vector_D: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes a ``[D]`` vector to ``[1, ..., 1, D]`` (explicit rank, no implicit promotion)."""
+    return vector_D.reshape((1,) * (ndim - 1) + vector_D.shape)
+
+
+def _matmul(x: jax.Array, w: jax.Array, w_contract_axis: int = 0) -> jax.Array:
+    """``x[..., K] @ w`` contracting ``w``'s axis ``w_contract_axis``; inputs as given, fp32 result."""
+    dims = (((x.ndim - 1,), (w_contract_axis,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+class PolicyModule(nn.Module):
+    """A layer whose dtypes are read from ``policy`` at its own scope path.
+
+    Attributes:
+      policy: the model's :class:`jaxmp.Policy`.
+    """
+
+    policy: Policy
+
+    @property
+    def module_path(self) -> str:
+        """The ``/``-joined scope path the policy is asked about, e.g. ``blocks_0/attn``."""
+        return "/".join(self.path)
+
+    @property
+    def module_policy(self) -> jmp.Policy:
+        return self.policy.for_module(self.module_path)
+
+    @property
+    def dtype(self) -> Any:
+        """Compute dtype of this layer."""
+        return self.module_policy.compute_dtype
+
+    @property
+    def param_dtype(self) -> Any:
+        """Storage dtype of the params this layer creates."""
+        return self.module_policy.param_dtype
+
+
+class Dense(PolicyModule):
+    """``y = x @ kernel + bias`` on compute-dtype inputs with fp32 accumulation.
+
+    Attributes:
+      features: output width ``F``.
+      use_bias: whether to add a bias.
+      init_std: std of the normal kernel initialiser (the bias starts at zero).
+    """
+
+    features: int
+    use_bias: bool = True
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_BxLxK: jax.Array) -> jax.Array:
+        """Maps ``[..., K]`` (any float dtype) to ``[..., F]`` in the compute dtype."""
+        kernel_KxF = self.param(
+            "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features), self.param_dtype
+        )
+        y = _matmul(x_BxLxK.astype(self.dtype), kernel_KxF.astype(self.dtype))
+        if self.use_bias:
+            bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + _last_axis(bias_F.astype(self.dtype), y.ndim)
+        return y.astype(self.dtype)
+
+
+class Embed(PolicyModule):
+    """A lookup table ``[V, D]``; integer ids are never cast to float.
+
+    Attributes:
+      num_embeddings: table rows ``V``.
+      features: width ``D``.
+      init_std: std of the normal initialiser.
+    """
+
+    num_embeddings: int
+    features: int
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+        """Integer ``[B, L]`` ids to ``[B, L, D]`` rows in the compute dtype (gather, then cast)."""
+        table_VxD = self.param(
+            "embedding", _normal(self.init_std), (self.num_embeddings, self.features), self.param_dtype
+        )
+        return jnp.take(table_VxD, ids_BxL, axis=0).astype(self.dtype)
+
+
+class LayerNorm(PolicyModule):
+    """LayerNorm with learned scale and bias; returns its input's dtype.
+
+    Attributes:
+      eps: added to the variance.
+    """
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        width = x_BxLxD.shape[-1]
+        scale_D = self.param("scale", nn.initializers.ones, (width,), self.param_dtype)
+        bias_D = self.param("bias", nn.initializers.zeros, (width,), self.param_dtype)
+        x = x_BxLxD.astype(self.dtype)  # fp32 island: norm statistics (any path naming a norm)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(variance + self.eps)
+        y = y * _last_axis(scale_D.astype(self.dtype), y.ndim) + _last_axis(bias_D.astype(self.dtype), y.ndim)
+        return y.astype(x_BxLxD.dtype)
+
+
+class RMSNorm(PolicyModule):
+    """Root-mean-square norm with a learned scale (Llama); returns its input's dtype.
+
+    Attributes:
+      eps: added to the mean square.
+    """
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        scale_D = self.param("scale", nn.initializers.ones, (x_BxLxD.shape[-1],), self.param_dtype)
+        x = x_BxLxD.astype(self.dtype)  # fp32 island: norm statistics (any path naming a norm)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (y * _last_axis(scale_D.astype(self.dtype), y.ndim)).astype(x_BxLxD.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency scaling of rotary embeddings (``rope_type="llama3"`` in transformers)."""
+
+    factor: float = 32.0  # long wavelengths are divided by this
+    low_freq_factor: float = 1.0  # wavelengths above original_max_positions / low_freq_factor are scaled
+    high_freq_factor: float = 4.0  # wavelengths below original_max_positions / high_freq_factor are kept
+    original_max_positions: int = 8192  # context length the model was pre-trained with
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Rotary inverse frequencies ``[head_dim // 2]`` (float64 numpy, a trace-time constant)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength = scaling.original_max_positions / scaling.low_freq_factor
+    high_freq_wavelength = scaling.original_max_positions / scaling.high_freq_factor
+    smooth = (scaling.original_max_positions / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+    in_between = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return np.where(in_between, blended, scaled)
+
+
+def apply_rotary(x_BxLxHxK: jax.Array, inv_freq_half: np.ndarray) -> jax.Array:
+    """Rotates halves ``(x1, x2)`` of each head by position ``0..L-1`` (transformers' layout).
+
+    Angles and the rotation are computed in float32; the result has ``x``'s dtype.
+    """
+    length = x_BxLxHxK.shape[1]
+    angles_LxK2 = (
+        jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq_half, jnp.float32)[None, :]
+    )
+    angles_1xLx1xK = jnp.concatenate([angles_LxK2, angles_LxK2], axis=-1)[None, :, None, :]
+    x = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated_half = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(angles_1xLx1xK) + rotated_half * jnp.sin(angles_1xLx1xK)).astype(x_BxLxHxK.dtype)
+
+
+def make_attention_mask(
+    attention_mask_BxL: jax.Array | None, length: int, *, causal: bool
+) -> jax.Array | None:
+    """Boolean ``[B or 1, 1, L, L]`` mask, True where a query may attend to a key; None if all may."""
+    mask = None
+    if attention_mask_BxL is not None:
+        mask = jnp.asarray(attention_mask_BxL).astype(bool)[:, None, None, :]
+    if causal:
+        causal_1x1xLxL = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+        mask = causal_1x1xLxL if mask is None else mask & causal_1x1xLxL
+    return mask
+
+
+def _attend_softmax(
+    q_BxLxHxK,
+    k_BxSxGxK,
+    v_BxSxGxK,
+    mask_Bx1xLxS,
+    softmax_dtype,
+    dropout: nn.Module | None,
+    deterministic: bool,
+) -> jax.Array:
+    """Explicit attention: fp32-accumulated scores, softmax in ``softmax_dtype``, then ``probs @ v``."""
+    batch, length, heads, head_dim = q_BxLxHxK.shape
+    kv_heads = k_BxSxGxK.shape[2]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    scores_BxGxRxLxS = (scores / math.sqrt(head_dim)).astype(softmax_dtype)  # fp32 island: attention softmax
+    if mask_Bx1xLxS is not None:
+        neg = jnp.finfo(softmax_dtype).min
+        scores_BxGxRxLxS = jnp.where(mask_Bx1xLxS[:, :, None], scores_BxGxRxLxS, neg)
+    probs = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs, deterministic=deterministic)
+    out = jnp.einsum(
+        "bgrls,bsgk->blgrk", probs.astype(v_BxSxGxK.dtype), v_BxSxGxK, preferred_element_type=jnp.float32
+    )
+    return out.astype(v_BxSxGxK.dtype).reshape(batch, length, heads, head_dim)
+
+
+class Attention(PolicyModule):
+    """Multi-head / grouped-query self-attention (``n_kv_heads`` divides ``n_heads``).
+
+    Submodules: ``query``, ``key``, ``value``, ``out`` (:class:`Dense`). The softmax
+    computes in ``policy.for_module(f"{path}/softmax")`` (fp32 by default). With an fp32
+    softmax and no active attention dropout the core is ``jax.nn.dot_product_attention``
+    (fp32 scores and softmax, compute-dtype ``probs @ v``); otherwise an explicit einsum
+    softmax with the same numerics but the softmax in the requested dtype.
+
+    Attributes:
+      n_heads: query heads ``H``.
+      n_kv_heads: key/value heads ``G``.
+      head_dim: width ``K`` of each head.
+      use_bias: biases on the four projections.
+      rope_theta: rotary base; None for no rotary embeddings.
+      rope_scaling: Llama 3 rotary frequency scaling, or None.
+      dropout_rate: dropout on attention probabilities (rng ``"dropout"``).
+      init_std: std of the q/k/v initialiser.
+      out_init_std: std of the output projection initialiser.
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    use_bias: bool = True
+    rope_theta: float | None = None
+    rope_scaling: RopeScaling | None = None
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+
+    @nn.compact
+    def __call__(
+        self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool = True
+    ) -> jax.Array:
+        """``[B, L, D]`` to ``[B, L, D]`` in the compute dtype; ``mask`` True where attending is allowed."""
+        batch, length, width = x_BxLxD.shape
+
+        def project(name: str, heads: int) -> jax.Array:
+            dense = Dense(
+                self.policy, heads * self.head_dim, use_bias=self.use_bias, init_std=self.init_std, name=name
+            )
+            return dense(x_BxLxD).astype(self.dtype).reshape(batch, length, heads, self.head_dim)
+
+        q_BxLxHxK = project("query", self.n_heads)
+        k_BxLxGxK = project("key", self.n_kv_heads)
+        v_BxLxGxK = project("value", self.n_kv_heads)
+        if self.rope_theta is not None:
+            inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+            q_BxLxHxK, k_BxLxGxK = apply_rotary(q_BxLxHxK, inv_freq), apply_rotary(k_BxLxGxK, inv_freq)
+
+        softmax_dtype = self.policy.for_module(f"{self.module_path}/softmax").compute_dtype
+        dropout_active = self.dropout_rate > 0.0 and not deterministic
+        if jnp.dtype(softmax_dtype) == jnp.float32 and not dropout_active:
+            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL)
+        else:
+            dropout = nn.Dropout(self.dropout_rate) if dropout_active else None
+            out_BxLxHxK = _attend_softmax(
+                q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, softmax_dtype, dropout, deterministic
+            )
+        out_BxLxF = out_BxLxHxK.reshape(batch, length, self.n_heads * self.head_dim)
+        return Dense(self.policy, width, use_bias=self.use_bias, init_std=self.out_init_std, name="out")(
+            out_BxLxF
+        )
+
+
+class GeluMLP(PolicyModule):
+    """``fc_out(act(fc_in(x)))`` (GPT-2, BERT).
+
+    Attributes:
+      d_ff: hidden width.
+      activation: key of :data:`ACTIVATIONS`.
+      init_std: std of ``fc_in``'s initialiser.
+      out_init_std: std of ``fc_out``'s initialiser.
+    """
+
+    d_ff: int
+    activation: str = "gelu_new"
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        """``[B, L, D]`` to ``[B, L, D]``; the activation runs in ``fc_in``'s compute dtype."""
+        h_BxLxF = ACTIVATIONS[self.activation](
+            Dense(self.policy, self.d_ff, init_std=self.init_std, name="fc_in")(x_BxLxD)
+        )
+        return Dense(self.policy, x_BxLxD.shape[-1], init_std=self.out_init_std, name="fc_out")(h_BxLxF)
+
+
+class SwiGLU(PolicyModule):
+    """``down(silu(gate(x)) * up(x))`` without biases (Llama).
+
+    Attributes:
+      d_ff: hidden width.
+      init_std: std of every projection's initialiser.
+    """
+
+    d_ff: int
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        """``[B, L, D]`` to ``[B, L, D]``; the gating runs in the MLP's compute dtype."""
+        gate_BxLxF = Dense(self.policy, self.d_ff, use_bias=False, init_std=self.init_std, name="gate")(
+            x_BxLxD
+        ).astype(self.dtype)
+        up_BxLxF = Dense(self.policy, self.d_ff, use_bias=False, init_std=self.init_std, name="up")(
+            x_BxLxD
+        ).astype(self.dtype)
+        return Dense(self.policy, x_BxLxD.shape[-1], use_bias=False, init_std=self.init_std, name="down")(
+            jax.nn.silu(gate_BxLxF) * up_BxLxF
+        )
+
+
+class LogitsHead(PolicyModule):
+    """The final projection to ``F`` logits (vocabulary or labels), optionally tied to an embedding.
+
+    The matmul takes inputs in this head's compute dtype (``policy.for_module(path)``) and
+    accumulates in fp32; the accumulator is kept in ``policy.for_module(f"{path}/logits")``
+    (fp32 by default, so logits are never rounded to bf16), then cast to the head's output
+    dtype. Set ``lm_head:compute=float32`` to run the matmul itself in fp32.
+
+    Attributes:
+      features: number of logits ``F``.
+      use_bias: whether to add a bias (BERT's MLM and classification heads).
+      init_std: std of the kernel initialiser (unused when tied).
+    """
+
+    features: int
+    use_bias: bool = False
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, tied_embedding_FxD: jax.Array | None = None) -> jax.Array:
+        """``[..., D]`` to ``[..., F]`` logits in the output dtype; ``tied_embedding`` replaces the kernel."""
+        if tied_embedding_FxD is None:
+            kernel = self.param(
+                "kernel", _normal(self.init_std), (x_BxLxD.shape[-1], self.features), self.param_dtype
+            )
+            contract_axis = 0
+        else:
+            kernel, contract_axis = tied_embedding_FxD, 1
+        logits_dtype = self.policy.for_module(f"{self.module_path}/logits").compute_dtype
+        accumulator = _matmul(x_BxLxD.astype(self.dtype), kernel.astype(self.dtype), contract_axis)
+        logits = accumulator.astype(logits_dtype)  # fp32 island: final logits
+        if self.use_bias:
+            bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            logits = logits + _last_axis(bias_F.astype(logits_dtype), logits.ndim)
+        return logits.astype(self.module_policy.output_dtype)
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What every jaxmp model returns.
+
+    Attributes:
+      last_hidden_state: ``[B, L, D]`` final hidden states in the policy's output dtype.
+      logits: ``[B, L, V]`` (language modelling) or ``[B, C]`` (classification) in the
+        head's output dtype; None for a model without a head.
+      pooler_output: ``[B, D]`` BERT pooler output in the output dtype; None elsewhere.
+    """
+
+    last_hidden_state: jax.Array
+    logits: jax.Array | None = None
+    pooler_output: jax.Array | None = None
+
+
+def apply_blocks(
+    block_cls: type[nn.Module],
+    block_kwargs: dict[str, Any],
+    x_BxLxD: jax.Array,
+    mask_Bx1xLxL: jax.Array | None,
+    deterministic: bool,
+    *,
+    n_layers: int,
+    remat: bool,
+    scan_layers: bool,
+) -> jax.Array:
+    """Runs ``n_layers`` blocks, called from inside a parent's compact ``__call__``.
+
+    A block is ``block_cls(**block_kwargs)(x, mask, deterministic) -> (x, None)``. Blocks
+    are named ``blocks_0 .. blocks_{n-1}``; with ``scan_layers`` one ``nn.scan``-ned block
+    named ``blocks`` holds every layer's params stacked on a leading axis (so per-layer
+    policy overrides such as ``blocks_0/...`` cannot apply; ``blocks/...`` does).
+    ``remat`` recomputes each block's activations in the backward pass.
+    """
+    if remat:
+        block_cls = nn.remat(block_cls, static_argnums=(3,), prevent_cse=not scan_layers)
+    if scan_layers:
+        stack = nn.scan(
+            block_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=n_layers,
+        )
+        x_BxLxD, _ = stack(**block_kwargs, name="blocks")(x_BxLxD, mask_Bx1xLxL, deterministic)
+        return x_BxLxD
+    for layer in range(n_layers):
+        x_BxLxD, _ = block_cls(**block_kwargs, name=f"blocks_{layer}")(x_BxLxD, mask_Bx1xLxL, deterministic)
+    return x_BxLxD
