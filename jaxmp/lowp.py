@@ -127,9 +127,10 @@ def stochastic_update(seed: int = 0) -> optax.GradientTransformation:
         target = stochastic_round(f32(p) + u, p.dtype, key_leaf)   # E[target] = p + u
         u' = f32(target) - f32(p)                                   # apply_updates: p + u' == target
 
-    ``u'`` is exact in fp32 whenever ``target`` and ``p`` are within 2^15 (bf16) or 2^12 (fp16) of each
-    other, which covers every update smaller than the param itself; then ``(p + u').astype(p.dtype)`` is
-    exactly ``target``. The key lives in the state and is split on every update, so a restored state
+    ``u'`` is exact in fp32 whenever ``target`` and ``p`` differ by less than a factor of 2^15 (bf16) or 2^12
+    (fp16), which covers every update smaller than the param itself; then ``(p + u').astype(p.dtype)`` is
+    exactly ``target`` (when an update almost cancels the param, it is off by at most an fp32 ulp of ``p``,
+    as with plain round-to-nearest). The key lives in the state and is split on every update, so a restored state
     continues bit for bit.
 
     Args:
@@ -199,13 +200,13 @@ def kahan_update() -> optax.GradientTransformation:
 
         y = u + c                      # fp32: this update plus what earlier roundings dropped
         t = round_nearest(p + y)       # the new param, in p.dtype
-        u' = f32(t) - f32(p)           # apply_updates: p + u' == t exactly
+        u' = f32(t) - f32(p)           # apply_updates: p + u' == t (exact, as in stochastic_update)
         c = y - u'                     # what this rounding dropped, |c| <= ulp(t) / 2
 
     ``p + c`` is the full-precision master value. ``c`` is stored as an int16 count of 2^-15 ulp(t), i.e.
     fixed point relative to the param's own ulp, not as a bf16 number: a bf16 ``c`` keeps only 8 bits of the
     residual and rounds every small update the same way (10,000 updates of 1e-4 to 1.0 end at 2.031, two
-    ulps off; this ends within a quarter ulp), and an fp16 ``c`` goes subnormal for ``|p| < 1/8``. The
+    ulps off; this ends on 2.0 exactly), and an fp16 ``c`` goes subnormal for ``|p| < 1/8``. The
     int16 buffer costs the same 2 bytes and gives ``p + c`` about fp32's 24 significant bits.
 
     Returns:
