@@ -31,6 +31,11 @@ def _from_saveable(restored: TrainState, target: TrainState) -> TrainState:
     return restored
 
 
+def _restore_args(abstract: Any) -> Any:
+    """Restore each leaf as the target's shape, dtype and sharding (single device when unsharded)."""
+    return ocp.checkpoint_utils.construct_restore_args(abstract)
+
+
 class Checkpointer:
     """Saves and restores ``TrainState`` + metadata under ``directory`` (keeps the last ``keep``).
 
@@ -50,7 +55,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_saveable(state)),
+                state=ocp.args.PyTreeSave(_to_saveable(state)),
                 metadata=ocp.args.JsonSave(metadata),
             ),
             force=True,
@@ -73,11 +78,25 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
+                state=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract)),
                 metadata=ocp.args.JsonRestore(),
             ),
         )
         return _from_saveable(restored["state"], target), dict(restored["metadata"])
+
+    def restore_params(self, target_params: Any, step: int | None = None) -> Any:
+        """Restores only the params (no optimizer needed), into the structure of ``target_params``.
+
+        ``target_params`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves; values come back in
+        the target's dtypes (e.g. cast once to bf16 for serving).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError("no checkpoint to restore")
+        abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)}
+        restore = ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract), partial_restore=True)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))
+        return restored["state"]["params"]
 
     def close(self) -> None:
         self._manager.close()

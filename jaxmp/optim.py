@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from jaxmp import lowp
 
 __all__ = ["make_optimizer", "make_schedule", "current_learning_rate"]
 
@@ -35,22 +38,25 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def _clip_adamw(learning_rate, clip_norm, weight_decay, b1, b2, eps, mu_dtype):
-    """The inner chain; a factory so that ``inject_hyperparams`` records the learning rate."""
+def _inner_chain(learning_rate, clip_norm, weight_decay, b1, b2, eps, moment_dtype, param_update, seed):
+    """clip -> Adam -> decoupled weight decay -> learning rate -> low-precision param update.
+
+    A factory, so that ``inject_hyperparams`` records the learning rate in the state.
+    """
     transforms = []
     if clip_norm is not None and clip_norm > 0:
         transforms.append(optax.clip_by_global_norm(clip_norm))
-    transforms.append(
-        optax.adamw(
-            learning_rate,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            mu_dtype=mu_dtype,
-            weight_decay=weight_decay,
-            mask=_decay_mask,
+    if np.dtype(moment_dtype) == np.dtype(np.float32):
+        transforms.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+    else:
+        transforms.append(
+            lowp.scale_by_adam_lowp(b1, b2, eps, mu_dtype=moment_dtype, nu_dtype=moment_dtype, seed=seed)
         )
-    )
+    transforms += [
+        optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+        lowp.param_update(param_update, seed=seed),
+    ]
     return optax.chain(*transforms)
 
 
@@ -64,13 +70,18 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.95,
     eps: float = 1e-8,
-    mu_dtype=jnp.float32,
+    moment_dtype: str | np.dtype = "float32",
+    param_update: str = "nearest",
+    seed: int = 0,
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, AdamW with warmup + cosine decay, wrapped in ``optax.MultiSteps``.
+    """Global-norm clipping, AdamW with warmup + cosine decay, accumulated by ``optax.MultiSteps``.
 
-    The accumulator is fp32 and ``should_skip_update_fn=optax.skip_not_finite``: without
-    it MultiSteps keeps a NaN in its accumulator forever (``0 * NaN``). ``make_train_step``
-    additionally drops non-finite micro-steps before they reach the optimizer.
+    With ``accum_steps > 1`` the chain is wrapped in ``optax.MultiSteps`` with an fp32
+    accumulator and ``should_skip_update_fn=optax.skip_not_finite`` (without it
+    MultiSteps keeps a NaN in its accumulator forever: ``0 * NaN``). With
+    ``accum_steps == 1`` there is nothing to accumulate and no accumulator is kept,
+    which is what lets pure-bf16 training fit in 8 bytes per parameter.
+    ``make_train_step`` drops non-finite micro-steps before they reach the optimizer.
 
     Args:
       learning_rate: peak learning rate.
@@ -80,7 +91,11 @@ def make_optimizer(
       warmup_steps: linear warmup updates.
       total_steps: updates over which the cosine decays; None keeps the rate constant.
       b1, b2, eps: Adam's hyperparameters.
-      mu_dtype: dtype of Adam's first moment.
+      moment_dtype: storage dtype of Adam's moments: float32, or bfloat16/float16 through
+        ``lowp.scale_by_adam_lowp`` (RMS stored instead of the second moment, stochastic rounding).
+      param_update: how updates land on low-precision params: ``nearest``, ``stochastic``
+        or ``kahan`` (``lowp.param_update``); fp32 params are unaffected.
+      seed: seeds the PRNG keys of stochastic rounding (kept in the optimizer state).
 
     Returns:
       An optax ``GradientTransformation`` whose state records ``learning_rate``.
@@ -88,15 +103,21 @@ def make_optimizer(
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     schedule = make_schedule(learning_rate, warmup_steps, total_steps)
-    inner = optax.inject_hyperparams(_clip_adamw, static_args=("clip_norm", "mu_dtype"))(
+    inner = optax.inject_hyperparams(
+        _inner_chain, static_args=("clip_norm", "moment_dtype", "param_update", "seed")
+    )(
         learning_rate=schedule,
         clip_norm=clip_norm,
         weight_decay=weight_decay,
         b1=b1,
         b2=b2,
         eps=eps,
-        mu_dtype=mu_dtype,
+        moment_dtype=np.dtype(moment_dtype).name,
+        param_update=param_update,
+        seed=seed,
     )
+    if accum_steps == 1:
+        return inner
     multi_steps = optax.MultiSteps(
         inner,
         every_k_schedule=accum_steps,

@@ -72,3 +72,15 @@ def test_checkpointer_keeps_the_newest(tmp_path):
     assert metadata == {"step": 2}
     with pytest.raises(FileNotFoundError):
         Checkpointer(tmp_path / "empty").restore(state)
+
+
+def test_restore_params_alone_in_another_dtype(tmp_path):
+    state = make_state(seed=3)
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(4, state, {})
+    target = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16), state.params)
+    params = checkpointer.restore_params(target)
+    assert jax.tree.structure(params) == jax.tree.structure(state.params)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got, np.asarray(want).astype(jnp.bfloat16))

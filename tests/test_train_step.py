@@ -4,6 +4,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxmp
@@ -125,7 +126,7 @@ def test_non_finite_micro_step_is_dropped_entirely(jit):
 
 
 def test_bf16_computes_in_bf16_while_params_and_grads_stay_fp32():
-    optimizer = jaxmp.make_optimizer(learning_rate=1e-2)
+    optimizer = jaxmp.make_optimizer(learning_rate=1e-2, accum_steps=2)
     state = new_state(optimizer)
     step = jaxmp.make_train_step(mlp_loss, optimizer, "bf16", jit=False)
     batch = make_batches(1, 4)[0]
@@ -148,7 +149,7 @@ def test_bf16_computes_in_bf16_while_params_and_grads_stay_fp32():
         state.params
     )
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
-    mu = new.opt_state.inner_opt_state.inner_state[1][0].mu
+    mu = optax.tree.get(new.opt_state, "mu")
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((mu, new.opt_state.acc_grads)))
 
 
