@@ -400,18 +400,18 @@ def _load_tensors(
             head = all(p.split("/")[0] in family.head_modules for p in tensor.params)
             (new_heads if head else missing).append(tensor)
             continue
-        array = checkpoint[by_name.pop(tensor.name)]
-        array = array.T if tensor.transpose else array
+        stored_name = by_name.pop(tensor.name)
+        array = checkpoint[stored_name].T if tensor.transpose else checkpoint[stored_name]
         parts = [expected[p].shape for p in tensor.params]
         want = (*parts[0][:-1], sum(shape[-1] for shape in parts))
         if array.shape != want:
-            mis_shaped.append(f"{tensor.name} {tuple(array.shape)} (model wants {want})")
+            mis_shaped.append(f"{stored_name} {tuple(array.shape)} (model wants {want})")
             continue
         splits = np.cumsum([shape[-1] for shape in parts])[:-1]
         flat.update(zip(tensor.params, np.split(array, splits, axis=-1), strict=True))
     leftover = [name for name in by_name if not family.ignored.fullmatch(name)]
-    unused = [name for name in leftover if name.startswith(family.head_names)]
-    unexpected = [name for name in leftover if name not in unused]
+    unused = [by_name[name] for name in leftover if name.startswith(family.head_names)]
+    unexpected = [by_name[name] for name in leftover if not name.startswith(family.head_names)]
     if missing or unexpected or mis_shaped:
         problems = [
             f"{label} ({len(names)}): {', '.join(names)}"
