@@ -1,0 +1,284 @@
+"""The training loop behind ``python -m jaxmp.train`` (and ``jaxmp.compare``).
+
+``run(config)`` checks every input before writing anything, then trains, logging one
+``metrics.jsonl`` record per ``log_every`` updates, evaluating, checkpointing, and
+writing ``summary.json``. Metrics are fetched one micro-step late, so the host never
+waits on the step it has just dispatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from jaxmp import lowp, optim, precision, scaling
+from jaxmp.checkpoint import Checkpointer
+from jaxmp.config import TrainConfig, UsageError, default_run_dir
+from jaxmp.run_dir import RunDir
+from jaxmp.tasks import Task, build_task
+from jaxmp.train_step import TrainState, leaf_paths, make_train_step
+
+__all__ = ["run", "RunResult", "TrainingStopped", "check_config"]
+
+
+class TrainingStopped(RuntimeError):
+    """Training gave up (too many non-finite steps); the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What ``run`` returns: the summary written to ``summary.json`` plus live objects."""
+
+    summary: dict[str, Any]
+    state: TrainState
+    task: Task
+    run_dir: RunDir
+    interrupted_by: int | None = None  # the signal number that stopped the run early
+
+
+def check_config(config: TrainConfig) -> precision.Policy:
+    """Validates the numbers and strings of ``config``; returns its parsed policy."""
+    for name in ("steps", "batch_size", "accum_steps", "seq_len", "log_every", "keep_checkpoints"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    for name in ("warmup_steps", "eval_every", "save_every", "eval_batches", "max_consecutive_skips"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {config.lr}")
+    try:
+        policy = precision.get_policy(config.policy)
+        scaling.make_loss_scale(config.loss_scale, policy)
+    except ValueError as error:
+        raise UsageError(f"--policy/--loss-scale: {error}") from None
+    return policy
+
+
+class _Signals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between micro-steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class _Window:
+    """Host-side bookkeeping of one logging interval."""
+
+    def __init__(self, losses: list[float] | None = None):
+        self.losses: list[float] = list(losses or [])
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def record(self, update: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        finite = [loss for loss in self.losses if np.isfinite(loss)]
+        record = {
+            "step": update,
+            "loss": float(np.mean(finite)) if finite else float("nan"),
+            "loss_scale": float(metrics["loss_scale"]),
+            "skipped_steps": int(metrics["skipped_steps"]),
+            "tokens_per_s": self.tokens / elapsed,
+            "grad_norm": float(metrics["grad_norm"]),
+            "learning_rate": float(metrics["learning_rate"]),
+            "grad_zero_fraction": float(metrics["grad_zero_fraction"]),
+        }
+        self.__init__()
+        return record
+
+
+def _make_state(config: TrainConfig, policy: precision.Policy, task: Task) -> tuple[TrainState, Callable]:
+    optimizer = optim.make_optimizer(
+        learning_rate=config.lr,
+        accum_steps=config.accum_steps,
+        clip_norm=config.clip_norm,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
+        param_update=config.param_update,
+        moment_dtype=config.moment_dtype,
+        seed=config.seed,
+    )
+    state = TrainState.create(
+        params=task.params,
+        optimizer=optimizer,
+        loss_scale=scaling.make_loss_scale(config.loss_scale, policy),
+        rng=jax.random.key(config.seed),
+    )
+    return state, make_train_step(task.loss_fn, optimizer, policy, cast_params=False)
+
+
+def run(
+    config: TrainConfig, *, show_progress: bool | None = None, log: Callable[[str], None] | None = None
+) -> RunResult:
+    """Trains as ``config`` says. Bad input raises ``UsageError``/``DataError`` before any file is written.
+
+    Raises:
+      TrainingStopped: after ``max_consecutive_skips`` non-finite micro-steps in a row.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr))
+    policy = check_config(config)
+    if config.out is None:
+        now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        config = dataclasses.replace(config, out=str(default_run_dir(config, now)))
+    run_dir = RunDir(config.out, resume=config.resume, overwrite=config.overwrite)
+    export = Path(config.export_hf) if config.export_hf else None
+    if export and export.exists() and any(export.iterdir()) and not config.overwrite:
+        raise UsageError(
+            f"--export-hf {export} exists and is not empty; choose a new directory or --overwrite"
+        )
+    task = build_task(config, policy, run_dir.cache_dir)
+    saved = run_dir.saved_identity()
+    if saved is not None and saved != task.identity:
+        changed = ", ".join(
+            f"{k}: {saved.get(k)} -> {v}" for k, v in task.identity.items() if saved.get(k) != v
+        )
+        raise UsageError(
+            f"--resume of {run_dir.path} with a different {changed}; resume with the run's own settings"
+        )
+    state, train_step = _make_state(config, policy, task)
+    checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
+    window_losses: list[float] = []
+    if config.resume and checkpointer.latest_step() is not None:
+        state, metadata = checkpointer.restore(state)
+        window_losses = metadata["window_losses"]
+        run_dir.trim_metrics(metadata["update"])
+        log(f"resuming {run_dir.path} at update {metadata['update']} (micro-step {int(state.step)})")
+    run_dir.start(config, task.identity)
+    return _train(config, task, state, train_step, checkpointer, run_dir, window_losses, show_progress, log)
+
+
+def _train(
+    config, task, state, train_step, checkpointer, run_dir, window_losses, show_progress, log
+) -> RunResult:
+    accum = config.accum_steps
+    total_micro = config.steps * accum
+    start_micro = int(state.step)
+    paths = leaf_paths(state.params)
+    window = _Window(window_losses)
+    evaluated: dict[str, float] = {}
+    consecutive_skips, pending = 0, None
+    started = time.perf_counter()
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    bar = tqdm.tqdm(
+        total=config.steps, initial=start_micro // accum, disable=not show, unit="step", leave=False
+    )
+
+    def save(micro: int, losses: list[float]) -> None:
+        metadata = {"update": micro // accum, "micro_step": micro, "window_losses": losses}
+        checkpointer.save(micro, state, metadata)
+
+    def handle(micro: int, metrics: dict[str, Any]) -> None:
+        """Host-side work for finished micro-step ``micro`` (0-based), one step late."""
+        nonlocal consecutive_skips, evaluated
+        window.losses.append(float(metrics["loss"]))
+        window.tokens += task.tokens_per_batch
+        consecutive_skips = 0 if metrics["grads_finite"] else consecutive_skips + 1
+        if config.max_consecutive_skips and consecutive_skips >= config.max_consecutive_skips:
+            where = paths[int(metrics["nonfinite_leaf"])]
+            raise TrainingStopped(
+                f"stopped: {consecutive_skips} non-finite steps in a row at loss scale "
+                f"{float(metrics['loss_scale']):g}; first non-finite gradient: {where}. "
+                f"The last good checkpoint in {run_dir.checkpoint_dir} is kept"
+            )
+        if not metrics["grads_finite"]:
+            log(
+                f"micro-step {micro}: non-finite gradient (first: {paths[int(metrics['nonfinite_leaf'])]}), skipped"
+            )
+        if (micro + 1) % accum:
+            return
+        update = (micro + 1) // accum
+        bar.update(1)
+        if update % config.log_every == 0 or update == config.steps:
+            record = window.record(update, metrics)
+            if (config.eval_every and update % config.eval_every == 0) or update == config.steps:
+                evaluated = task.evaluate(state.params)
+                record.update(evaluated)
+            run_dir.append_metrics(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                scale=f"{record['loss_scale']:g}",
+                skipped=record["skipped_steps"],
+            )
+
+    with _Signals() as signals:
+        micro = start_micro
+        for micro in range(start_micro, total_micro):
+            state, metrics = train_step(state, task.batch(micro))
+            if pending is not None:
+                handle(micro - 1, jax.device_get(pending))
+            pending = {k: v for k, v in metrics.items() if k != "aux"}
+            update_done = (micro + 1) % accum == 0
+            if update_done and config.save_every and ((micro + 1) // accum) % config.save_every == 0:
+                handle(micro, jax.device_get(pending))
+                pending = None
+                save(micro + 1, [])
+            if signals.received is not None:
+                if pending is not None:
+                    handle(micro, jax.device_get(pending))
+                save(micro + 1, window.losses)
+                bar.close()
+                log(
+                    f"interrupted by signal {signals.received}: checkpoint saved at micro-step {micro + 1}; "
+                    f"continue with --resume"
+                )
+                summary = _summary(
+                    config, task, state, run_dir, evaluated, started, start_micro, interrupted=True
+                )
+                run_dir.write_summary(summary)
+                return RunResult(summary, state, task, run_dir, interrupted_by=signals.received)
+        if pending is not None:
+            handle(micro, jax.device_get(pending))
+    bar.close()
+    if checkpointer.latest_step() != total_micro:
+        save(total_micro, [])
+    summary = _summary(config, task, state, run_dir, evaluated, started, start_micro, interrupted=False)
+    run_dir.write_summary(summary)
+    return RunResult(summary, state, task, run_dir)
+
+
+def _summary(config, task, state, run_dir, evaluated, started, start_micro, *, interrupted) -> dict[str, Any]:
+    wall = time.perf_counter() - started
+    micro_steps = int(state.step) - start_micro
+    last = run_dir.last_metrics()
+    return {
+        "policy": str(precision.get_policy(config.policy)),
+        "model": task.identity["model"],
+        "task": task.identity["task"],
+        "steps": int(state.step) // config.accum_steps,
+        "micro_steps": int(state.step),
+        "interrupted": interrupted,
+        "final_train_loss": last.get("loss"),
+        **{f"final_{k}": v for k, v in evaluated.items()},
+        "wall_seconds": wall,
+        "tokens_per_s": micro_steps * task.tokens_per_batch / max(wall, 1e-9),
+        "skipped_steps": int(state.skipped_steps),
+        "final_loss_scale": float(state.loss_scale.loss_scale),
+        "state_bytes_per_param": lowp.state_bytes_per_param(state.params, state.opt_state),
+    }

@@ -1,0 +1,199 @@
+"""What a run trains: model, initial params, data, loss and evaluation for each ``--task``.
+
+``build_task(config, policy, cache_dir)`` returns a :class:`Task`; the training loop in
+``jaxmp.run`` knows nothing about language modelling or classification.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxmp import hf, models
+from jaxmp.classify_data import load_classification_data
+from jaxmp.config import TrainConfig, UsageError
+from jaxmp.data import LMDataConfig, Tokenizer, load_lm_dataset
+from jaxmp.losses import classification_loss, lm_loss
+from jaxmp.precision import Policy
+from jaxmp.train_step import make_eval_step
+
+__all__ = ["Task", "build_task"]
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """Everything the loop needs from a task.
+
+    Attributes:
+      model: the Flax module (its layers carry the policy).
+      params: initial master params (fresh, or read from ``--init``).
+      loss_fn: ``(params, batch, rng) -> (fp32 loss, aux)`` for ``make_train_step``.
+      batch: micro-step -> training batch, a pure function of ``(seed, micro-step)``.
+      evaluate: params -> ``{"val_loss": float}`` (+ ``"val_accuracy"`` for classify).
+      tokens_per_batch: tokens in one micro-batch (for tokens/s).
+      identity: what must not change across ``--resume`` (model, tokenizer, task).
+      tokenizer: the LM tokenizer (None for classify).
+    """
+
+    model: Any
+    params: Any
+    loss_fn: Callable
+    batch: Callable[[int], Batch]
+    evaluate: Callable[[Any], dict[str, float]]
+    tokens_per_batch: int
+    identity: dict[str, Any]
+    tokenizer: Tokenizer | None = None
+
+
+def _check_init(init: str) -> None:
+    if not (Path(init) / "config.json").is_file():
+        raise UsageError(f"--init {init} has no config.json; give a Hugging Face model directory")
+    if not any((Path(init) / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise UsageError(f"--init {init} has no model.safetensors or pytorch_model.bin weights")
+
+
+def _load_pretrained(config: TrainConfig, policy: Policy, task: str, **kwargs) -> tuple[Any, Any]:
+    init = Path(config.init)
+    try:
+        return hf.from_pretrained(init, policy, task=task, **kwargs)
+    except (ValueError, OSError) as error:
+        raise UsageError(f"--init {init}: {error}") from None
+
+
+def _mean_eval(eval_step: Callable, params: Any, batches: Iterator[Batch]) -> dict[str, float]:
+    """Runs ``eval_step`` over ``batches``: the row-weighted mean loss, and accuracy when reported."""
+    loss_sum = rows = correct = 0.0
+    has_accuracy = False
+    for batch in batches:
+        loss, aux = jax.device_get(eval_step(params, batch))
+        batch_rows = float(aux.get("count", 1.0))  # lm batches are all full: weight 1 each
+        loss_sum, rows = loss_sum + float(loss) * batch_rows, rows + batch_rows
+        if "correct" in aux:
+            has_accuracy, correct = True, correct + float(aux["correct"])
+    if rows == 0:
+        raise UsageError("the validation data gave no batch; use a smaller --batch-size or --seq-len")
+    return {"val_loss": loss_sum / rows, **({"val_accuracy": correct / rows} if has_accuracy else {})}
+
+
+def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
+    dataset = load_lm_dataset(
+        LMDataConfig(data=config.data, tokenizer=config.tokenizer, cache_dir=str(cache_dir))
+    )
+    tokenizer = dataset.tokenizer
+    if config.init:
+        model, params = _load_pretrained(config, policy, "lm")
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise UsageError(
+                f"--init model has {model.config.vocab_size} token ids but tokenizer {tokenizer.name} "
+                f"needs {tokenizer.vocab_size}; use the model's own tokenizer (--tokenizer {config.init})"
+            )
+    else:
+        model_config = _preset(config.model, vocab_size=tokenizer.vocab_size)
+        if getattr(model_config, "task", "lm") != "lm" or isinstance(model_config, models.BertConfig):
+            raise UsageError(
+                f"--task lm trains causal models; {config.model} is not one (use gpt2-* or llama-*)"
+            )
+        model = models.create_model(model_config, policy)
+        params = None
+    if config.seq_len > model.config.max_positions:
+        raise UsageError(
+            f"--seq-len {config.seq_len} is beyond {config.model}'s {model.config.max_positions} positions"
+        )
+    if params is None:
+        params = models.init_params(model, jax.random.key(config.seed), config.seq_len)
+
+    def loss_fn(params, batch, rng):
+        out = model.apply({"params": params}, batch["input_ids"], deterministic=False, rngs={"dropout": rng})
+        return lm_loss(out.logits, batch["targets"]), {}
+
+    def deterministic_loss(params, batch, rng):
+        del rng
+        return lm_loss(model.apply({"params": params}, batch["input_ids"]).logits, batch["targets"]), {}
+
+    eval_step = make_eval_step(deterministic_loss, policy, cast_params=False)
+    dataset.batch(config.seed, 0, config.batch_size, config.seq_len)  # fail early on a short corpus
+    next(iter(dataset.val_batches(config.batch_size, config.seq_len, 1)), None)
+    return Task(
+        model=model,
+        params=params,
+        loss_fn=loss_fn,
+        batch=lambda step: dataset.batch(config.seed, step, config.batch_size, config.seq_len),
+        evaluate=lambda params: _mean_eval(
+            eval_step, params, dataset.val_batches(config.batch_size, config.seq_len, config.eval_batches)
+        ),
+        tokens_per_batch=config.batch_size * config.seq_len,
+        identity={"task": "lm", "model": config.init or config.model, "tokenizer": tokenizer.name},
+        tokenizer=tokenizer,
+    )
+
+
+def _classify_task(config: TrainConfig, policy: Policy) -> Task:
+    if not config.init:
+        raise UsageError(
+            "--task classify fine-tunes a checkpoint: give --init HF_DIR (e.g. a BERT directory)"
+        )
+    if not config.data or not config.eval_data:
+        raise UsageError(
+            "--task classify needs --data TRAIN_FILE and --eval-data DEV_FILE (.tsv, .csv or .jsonl)"
+        )
+    train = load_classification_data(config.data, config.init, max_length=config.seq_len)
+    dev = load_classification_data(config.eval_data, config.init, max_length=config.seq_len)
+    num_labels = max(train.num_labels, dev.num_labels)
+    model, params = _load_pretrained(config, policy, "classify", num_labels=num_labels)
+    if config.seq_len > model.config.max_positions:
+        raise UsageError(
+            f"--seq-len {config.seq_len} is beyond the model's {model.config.max_positions} positions"
+        )
+
+    def forward(params, batch, **kwargs):
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            **kwargs,
+        ).logits
+
+    def loss_fn(params, batch, rng):
+        logits = forward(params, batch, deterministic=False, rngs={"dropout": rng})
+        return classification_loss(logits, batch["labels"], batch["weight"])
+
+    def deterministic_loss(params, batch, rng):
+        del rng
+        return classification_loss(forward(params, batch), batch["labels"], batch["weight"])
+
+    eval_step = make_eval_step(deterministic_loss, policy, cast_params=False)
+    return Task(
+        model=model,
+        params=params,
+        loss_fn=loss_fn,
+        batch=lambda step: train.batch(config.seed, step, config.batch_size),
+        evaluate=lambda params: _mean_eval(eval_step, params, dev.eval_batches(config.batch_size)),
+        tokens_per_batch=config.batch_size * config.seq_len,
+        identity={"task": "classify", "model": str(config.init), "tokenizer": str(config.init)},
+    )
+
+
+def _preset(name: str, **overrides) -> Any:
+    try:
+        return models.get_config(name, **overrides)
+    except ValueError as error:
+        raise UsageError(f"--model: {error}") from None
+
+
+def build_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
+    """The :class:`Task` for ``config.task``; bad input raises ``UsageError`` or ``DataError``."""
+    logging.getLogger("jaxmp.hf").setLevel(logging.WARNING)
+    if config.init:
+        _check_init(config.init)
+    if config.task == "lm":
+        return _lm_task(config, policy, cache_dir)
+    return _classify_task(config, policy)

@@ -1,0 +1,63 @@
+"""``python -m jaxmp.train``: train a language model or fine-tune a classifier under a precision policy.
+
+With no flags it trains the ``gpt2-tiny`` preset on tiny Shakespeare (shipped with the
+package) with a byte-level tokenizer, reports validation loss, and prints a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jaxmp.config import UsageError, build_parser, config_from_args
+from jaxmp.data import DataError
+
+__all__ = ["main"]
+
+
+def _print_sample(result, max_new_tokens: int) -> None:
+    from jaxmp.generate import sample_text
+
+    text = sample_text(
+        result.task.model,
+        result.state.params,
+        result.task.tokenizer,
+        prompt="\n",
+        max_new_tokens=max_new_tokens,
+    )
+    print("--- sample ---")
+    print(text.strip("\n"))
+    print("--------------")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (2 for bad input)."""
+    parser = build_parser(description=__doc__.splitlines()[0])
+    config = config_from_args(parser.parse_args(argv))
+    from jaxmp.run import TrainingStopped, run  # heavy imports after --help and flag errors
+
+    try:
+        result = run(config)
+    except (UsageError, DataError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingStopped as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 1
+    summary = result.summary
+    print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=2))
+    print(f"run directory: {result.run_dir.path}")
+    if result.interrupted_by is not None:
+        return 128 + result.interrupted_by
+    if config.export_hf:
+        from jaxmp import hf
+
+        hf.save_pretrained(result.task.model, result.state.params, config.export_hf)
+        print(f"exported a Hugging Face model to {config.export_hf}")
+    if result.task.tokenizer is not None and config.sample_tokens > 0:
+        _print_sample(result, config.sample_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

