@@ -243,3 +243,18 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_resume_refuses_another_model(t
 
     assert main([*args, "--resume", "--model", "llama-tiny"]) == 2
     assert "different model" in capsys.readouterr().err
+
+
+def test_stops_after_consecutive_non_finite_steps(tmp_path, capsys):
+    corpus = write(tmp_path / "corpus.txt", "Now is the winter of our discontent. " * 300)
+    out = tmp_path / "run"
+    argv = [*TINY_LM, "--data", str(corpus), "--out", str(out), "--policy", "fp16", "--steps", "50"]
+    # fp16 gradients of a loss scaled by 1e30 overflow on every step
+    status = main([*argv, "--loss-scale", "static:1e30", "--max-consecutive-skips", "3", "--save-every", "1"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "3 non-finite steps in a row at loss scale 1e+30" in err
+    assert "first non-finite gradient: " in err and ("blocks_" in err or "embed" in err)
+    assert "last good checkpoint" in err and "Traceback" not in err
+    # skipped steps never touch the params, so what was saved is the last good state
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params_of(out)))
