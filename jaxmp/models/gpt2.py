@@ -18,13 +18,16 @@ import jax.numpy as jnp
 from jaxmp.models.layers import (
     ACTIVATIONS,
     Attention,
+    AttentionCache,
     Embed,
     GeluMLP,
+    KVCache,
     LayerNorm,
     LogitsHead,
     ModelOutput,
     PolicyModule,
     apply_blocks,
+    apply_cached_blocks,
     make_attention_mask,
 )
 from jaxmp.precision import Policy
@@ -73,8 +76,14 @@ class GPT2Block(PolicyModule):
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool
-    ) -> tuple[jax.Array, None]:
+        self,
+        x_BxLxD: jax.Array,
+        mask_Bx1xLxL: jax.Array | None,
+        deterministic: bool,
+        positions_BxL: jax.Array | None = None,
+        cache: AttentionCache | None = None,
+    ) -> tuple[jax.Array, AttentionCache | None]:
+        """Returns the block's output and, when decoding with ``cache``, the advanced cache."""
         c = self.config
         residual_init_std = c.initializer_range / math.sqrt(2 * c.n_layers)
         dropout = nn.Dropout(c.dropout_rate)
@@ -89,13 +98,19 @@ class GPT2Block(PolicyModule):
             name="attn",
         )
         h_BxLxD = attn(
-            LayerNorm(self.policy, c.layer_norm_eps, name="norm1")(x_BxLxD), mask_Bx1xLxL, deterministic
+            LayerNorm(self.policy, c.layer_norm_eps, name="norm1")(x_BxLxD),
+            mask_Bx1xLxL,
+            deterministic,
+            positions_BxL,
+            cache,
         )
+        if cache is not None:  # decoding: the attention also returns its advanced cache
+            h_BxLxD, cache = h_BxLxD
         x_BxLxD = x_BxLxD + dropout(h_BxLxD, deterministic=deterministic)
         mlp = GeluMLP(self.policy, c.d_ff, c.activation, c.initializer_range, residual_init_std, name="mlp")
         h_BxLxD = mlp(LayerNorm(self.policy, c.layer_norm_eps, name="norm2")(x_BxLxD))
         x_BxLxD = x_BxLxD + dropout(h_BxLxD, deterministic=deterministic)
-        return x_BxLxD.astype(self.dtype), None
+        return x_BxLxD.astype(self.dtype), cache
 
 
 class GPT2(nn.Module):
@@ -116,6 +131,7 @@ class GPT2(nn.Module):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         deterministic: bool = True,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
         """Runs the model.
 
@@ -124,37 +140,56 @@ class GPT2(nn.Module):
           attention_mask: ``[B, L]`` 1/True for real tokens, 0/False for padding; None: no padding.
           token_type_ids: optional ``[B, L]`` ids embedded with the token table (as transformers does).
           deterministic: False enables dropout (rng ``"dropout"``).
+          cache: decoding: the :class:`KVCache` of the tokens so far (``scan_layers=False``). The
+            ``L`` new tokens take positions after each row's real tokens; ``attention_mask`` marks
+            which of the new tokens are real.
 
         Returns:
           :class:`ModelOutput` with ``logits [B, L, V]`` (task ``lm``) and ``last_hidden_state
-          [B, L, D]``, both in the output dtype (logits: ``policy.for_module("lm_head")``).
+          [B, L, D]``, both in the output dtype (logits: ``policy.for_module("lm_head")``), and
+          the advanced ``cache`` when one was given.
         """
         c = self.config
         length = input_ids.shape[1]
         if length > c.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_positions {c.max_positions}")
+        if cache is not None and c.scan_layers:
+            raise ValueError("decoding with a KV cache needs scan_layers=False (see unstack_layer_params)")
         token_embed = Embed(self.policy, c.vocab_size, c.d_model, c.initializer_range, name="token_embed")
         position_embed = Embed(
             self.policy, c.max_positions, c.d_model, c.initializer_range, name="position_embed"
         )
-        x_BxLxD = token_embed(input_ids) + position_embed(jnp.arange(length)[None, :])
+        if cache is None:
+            positions_BxL = jnp.arange(length)[None, :]
+            mask = make_attention_mask(attention_mask, length, causal=True)
+        else:
+            positions_BxL, mask, cache = cache.advance(attention_mask, length)
+        x_BxLxD = token_embed(input_ids) + position_embed(positions_BxL)
         if token_type_ids is not None:
             x_BxLxD = x_BxLxD + token_embed(token_type_ids)
         x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
-        mask = make_attention_mask(attention_mask, length, causal=True)
-        x_BxLxD = apply_blocks(
-            GPT2Block,
-            {"policy": self.policy, "config": c},
-            x_BxLxD,
-            mask,
-            deterministic,
-            n_layers=c.n_layers,
-            remat=c.remat,
-            scan_layers=c.scan_layers,
-        )
+        block_kwargs = {"policy": self.policy, "config": c}
+        if cache is None:
+            x_BxLxD = apply_blocks(
+                GPT2Block,
+                block_kwargs,
+                x_BxLxD,
+                mask,
+                deterministic,
+                n_layers=c.n_layers,
+                remat=c.remat,
+                scan_layers=c.scan_layers,
+            )
+        else:
+            x_BxLxD, layers = apply_cached_blocks(
+                GPT2Block, block_kwargs, x_BxLxD, mask, positions_BxL, cache.layers
+            )
+            cache = cache.replace(layers=layers)
         h_BxLxD = LayerNorm(self.policy, c.layer_norm_eps, name="final_norm")(x_BxLxD)
         logits = None
         if c.task == "lm":
             table_VxD = token_embed.variables["params"]["embedding"]
             logits = LogitsHead(self.policy, c.vocab_size, name="lm_head")(h_BxLxD, table_VxD)
-        return ModelOutput(last_hidden_state=h_BxLxD.astype(self.policy.output_dtype), logits=logits)
+        return ModelOutput(
+            last_hidden_state=h_BxLxD.astype(self.policy.output_dtype), logits=logits, cache=cache
+        )

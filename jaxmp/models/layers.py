@@ -39,6 +39,8 @@ __all__ = [
     "rope_inverse_frequencies",
     "apply_rotary",
     "Attention",
+    "AttentionCache",
+    "KVCache",
     "GeluMLP",
     "SwiGLU",
     "LogitsHead",
@@ -46,6 +48,7 @@ __all__ = [
     "ACTIVATIONS",
     "make_attention_mask",
     "apply_blocks",
+    "apply_cached_blocks",
 ]
 
 ACTIVATIONS = {
@@ -215,20 +218,28 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     return np.where(in_between, blended, scaled)
 
 
-def apply_rotary(x_BxLxHxK: jax.Array, inv_freq_half: np.ndarray) -> jax.Array:
-    """Rotates halves ``(x1, x2)`` of each head by position ``0..L-1`` (transformers' layout).
+def apply_rotary(
+    x_BxLxHxK: jax.Array, inv_freq_half: np.ndarray, positions_BxL: jax.Array | None = None
+) -> jax.Array:
+    """Rotates halves ``(x1, x2)`` of each head by its position (transformers' layout).
+
+    Args:
+      x_BxLxHxK: queries or keys.
+      inv_freq_half: ``[K // 2]`` inverse frequencies.
+      positions_BxL: integer position of each token; None: ``0..L-1`` in every row.
 
     Angles and the rotation are computed in float32; the result has ``x``'s dtype.
     """
-    length = x_BxLxHxK.shape[1]
-    angles_LxK2 = (
-        jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq_half, jnp.float32)[None, :]
+    if positions_BxL is None:
+        positions_BxL = jnp.arange(x_BxLxHxK.shape[1])[None, :]
+    angles_BxLxK2 = (
+        positions_BxL.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq_half, jnp.float32)[None, None, :]
     )
-    angles_1xLx1xK = jnp.concatenate([angles_LxK2, angles_LxK2], axis=-1)[None, :, None, :]
+    angles_BxLx1xK = jnp.concatenate([angles_BxLxK2, angles_BxLxK2], axis=-1)[:, :, None, :]
     x = x_BxLxHxK.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated_half = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(angles_1xLx1xK) + rotated_half * jnp.sin(angles_1xLx1xK)).astype(x_BxLxHxK.dtype)
+    return (x * jnp.cos(angles_BxLx1xK) + rotated_half * jnp.sin(angles_BxLx1xK)).astype(x_BxLxHxK.dtype)
 
 
 def make_attention_mask(
@@ -242,6 +253,69 @@ def make_attention_mask(
         causal_1x1xLxL = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         mask = causal_1x1xLxL if mask is None else mask & causal_1x1xLxL
     return mask
+
+
+@flax.struct.dataclass
+class AttentionCache:
+    """One attention layer's preallocated keys and values, in the layer's compute dtype.
+
+    Attributes:
+      key: ``[B, S, G, K]`` keys of slots ``0 .. index-1`` (later slots are not yet written).
+      value: ``[B, S, G, K]`` values.
+      index: int32 ``[]``, the number of slots written; the next ``L`` tokens go to ``index .. index+L-1``.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Every attention layer's cache plus which slots hold real (not padding) tokens.
+
+    A model called with ``cache`` writes its ``L`` tokens into slots ``index .. index+L-1``,
+    attends over the slots written so far, and returns the advanced cache. A token's position
+    is the number of real tokens before it in its row, so left-padded rows get positions
+    ``0, 1, ...`` from their first real token on, and padding is never attended to.
+
+    Attributes:
+      layers: one :class:`AttentionCache` per block.
+      mask: bool ``[B, S]``, True at written slots that hold real tokens.
+    """
+
+    layers: tuple[AttentionCache, ...]
+    mask: jax.Array
+
+    @property
+    def index(self) -> jax.Array:
+        """int32 ``[]``: slots written so far."""
+        return self.layers[0].index
+
+    def advance(
+        self, attention_mask_BxL: jax.Array | None, length: int
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        """Positions and attention mask of ``length`` new tokens, and the cache whose ``mask`` includes them.
+
+        Args:
+          attention_mask_BxL: 1/True for the new real tokens, 0/False for padding; None: all real.
+          length: ``L``, the number of new tokens.
+
+        Returns:
+          ``(positions_BxL, mask_Bx1xLxS, cache)``: int32 positions, the boolean mask (True where a new
+          token may attend to a slot: a real token at or before its own slot), and this cache with its
+          ``mask`` updated (``layers`` unchanged; each attention layer writes its own).
+        """
+        batch, slots = self.mask.shape
+        new_BxL = (
+            jnp.ones((batch, length), bool) if attention_mask_BxL is None else attention_mask_BxL.astype(bool)
+        )
+        seen_Bx1 = jnp.sum(self.mask, axis=1, dtype=jnp.int32)[:, None]
+        positions_BxL = jnp.maximum(seen_Bx1 + jnp.cumsum(new_BxL, axis=1, dtype=jnp.int32) - 1, 0)
+        mask_BxS = jax.lax.dynamic_update_slice(self.mask, new_BxL, (0, self.index))
+        causal_LxS = jnp.arange(slots)[None, :] <= self.index + jnp.arange(length)[:, None]
+        mask_Bx1xLxS = mask_BxS[:, None, None, :] & causal_LxS[None, None]
+        return positions_BxL, mask_Bx1xLxS, self.replace(mask=mask_BxS)
 
 
 def _attend_softmax(
@@ -304,9 +378,26 @@ class Attention(PolicyModule):
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool = True
-    ) -> jax.Array:
-        """``[B, L, D]`` to ``[B, L, D]`` in the compute dtype; ``mask`` True where attending is allowed."""
+        self,
+        x_BxLxD: jax.Array,
+        mask_Bx1xLxL: jax.Array | None,
+        deterministic: bool = True,
+        positions_BxL: jax.Array | None = None,
+        cache: AttentionCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, AttentionCache]:
+        """``[B, L, D]`` to ``[B, L, D]`` in the compute dtype; ``mask`` True where attending is allowed.
+
+        Args:
+          x_BxLxD: input hidden states.
+          mask_Bx1xLxL: boolean mask over keys (``[B, 1, L, S]`` with a cache), or None.
+          deterministic: False enables attention dropout.
+          positions_BxL: rotary positions; None: ``0..L-1``.
+          cache: decoding: this layer's keys and values so far. The new keys and values are
+            written at ``cache.index`` and the queries attend over all ``S`` cache slots.
+
+        Returns:
+          The output, or ``(output, advanced cache)`` when ``cache`` is given.
+        """
         batch, length, width = x_BxLxD.shape
 
         def project(name: str, heads: int) -> jax.Array:
@@ -320,11 +411,23 @@ class Attention(PolicyModule):
         v_BxLxGxK = project("value", self.n_kv_heads)
         if self.rope_theta is not None:
             inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
-            q_BxLxHxK, k_BxLxGxK = apply_rotary(q_BxLxHxK, inv_freq), apply_rotary(k_BxLxGxK, inv_freq)
+            q_BxLxHxK = apply_rotary(q_BxLxHxK, inv_freq, positions_BxL)
+            k_BxLxGxK = apply_rotary(k_BxLxGxK, inv_freq, positions_BxL)
+        if cache is not None:
+            start = (0, cache.index, 0, 0)
+            cache = AttentionCache(
+                key=jax.lax.dynamic_update_slice(cache.key, k_BxLxGxK.astype(cache.key.dtype), start),
+                value=jax.lax.dynamic_update_slice(cache.value, v_BxLxGxK.astype(cache.value.dtype), start),
+                index=cache.index + length,
+            )
+            k_BxLxGxK, v_BxLxGxK = cache.key, cache.value
 
         softmax_dtype = self.policy.for_module(f"{self.module_path}/softmax").compute_dtype
         dropout_active = self.dropout_rate > 0.0 and not deterministic
-        if jnp.dtype(softmax_dtype) == jnp.float32 and not dropout_active:
+        # jax.nn.dot_product_attention's XLA path asks for an fp16 x fp16 -> fp32 dot that XLA's
+        # CPU backend rejects; the explicit softmax below computes the same thing.
+        cpu_fp16 = q_BxLxHxK.dtype == jnp.float16 and jax.default_backend() == "cpu"
+        if jnp.dtype(softmax_dtype) == jnp.float32 and not dropout_active and not cpu_fp16:
             out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL)
         else:
             dropout = nn.Dropout(self.dropout_rate) if dropout_active else None
@@ -332,9 +435,10 @@ class Attention(PolicyModule):
                 q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, softmax_dtype, dropout, deterministic
             )
         out_BxLxF = out_BxLxHxK.reshape(batch, length, self.n_heads * self.head_dim)
-        return Dense(self.policy, width, use_bias=self.use_bias, init_std=self.out_init_std, name="out")(
+        out_BxLxD = Dense(self.policy, width, use_bias=self.use_bias, init_std=self.out_init_std, name="out")(
             out_BxLxF
         )
+        return out_BxLxD if cache is None else (out_BxLxD, cache)
 
 
 class GeluMLP(PolicyModule):
@@ -432,11 +536,13 @@ class ModelOutput:
       logits: ``[B, L, V]`` (language modelling) or ``[B, C]`` (classification) in the
         head's output dtype; None for a model without a head.
       pooler_output: ``[B, D]`` BERT pooler output in the output dtype; None elsewhere.
+      cache: the advanced :class:`KVCache` when the model was called with one; None otherwise.
     """
 
     last_hidden_state: jax.Array
     logits: jax.Array | None = None
     pooler_output: jax.Array | None = None
+    cache: KVCache | None = None
 
 
 def apply_blocks(
@@ -473,3 +579,24 @@ def apply_blocks(
     for layer in range(n_layers):
         x_BxLxD, _ = block_cls(**block_kwargs, name=f"blocks_{layer}")(x_BxLxD, mask_Bx1xLxL, deterministic)
     return x_BxLxD
+
+
+def apply_cached_blocks(
+    block_cls: type[nn.Module],
+    block_kwargs: dict[str, Any],
+    x_BxLxD: jax.Array,
+    mask_Bx1xLxS: jax.Array,
+    positions_BxL: jax.Array,
+    caches: tuple[AttentionCache, ...],
+) -> tuple[jax.Array, tuple[AttentionCache, ...]]:
+    """Runs blocks ``blocks_0 .. blocks_{n-1}`` for decoding, one :class:`AttentionCache` each.
+
+    A block is ``block_cls(**block_kwargs)(x, mask, True, positions, cache) -> (x, cache)``
+    (inference: deterministic, no remat). Returns the output and the advanced caches.
+    """
+    advanced = []
+    for layer, cache in enumerate(caches):
+        block = block_cls(**block_kwargs, name=f"blocks_{layer}")
+        x_BxLxD, cache = block(x_BxLxD, mask_Bx1xLxS, True, positions_BxL, cache)
+        advanced.append(cache)
+    return x_BxLxD, tuple(advanced)

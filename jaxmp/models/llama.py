@@ -14,7 +14,9 @@ import jax
 
 from jaxmp.models.layers import (
     Attention,
+    AttentionCache,
     Embed,
+    KVCache,
     LogitsHead,
     ModelOutput,
     PolicyModule,
@@ -22,6 +24,7 @@ from jaxmp.models.layers import (
     RopeScaling,
     SwiGLU,
     apply_blocks,
+    apply_cached_blocks,
     make_attention_mask,
 )
 from jaxmp.precision import Policy
@@ -67,8 +70,14 @@ class LlamaBlock(PolicyModule):
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array | None, deterministic: bool
-    ) -> tuple[jax.Array, None]:
+        self,
+        x_BxLxD: jax.Array,
+        mask_Bx1xLxL: jax.Array | None,
+        deterministic: bool,
+        positions_BxL: jax.Array | None = None,
+        cache: AttentionCache | None = None,
+    ) -> tuple[jax.Array, AttentionCache | None]:
+        """Returns the block's output and, when decoding with ``cache``, the advanced cache."""
         c = self.config
         attn = Attention(
             self.policy,
@@ -83,12 +92,19 @@ class LlamaBlock(PolicyModule):
             out_init_std=c.initializer_range,
             name="attn",
         )
-        x_BxLxD = x_BxLxD + attn(
-            RMSNorm(self.policy, c.rms_norm_eps, name="norm1")(x_BxLxD), mask_Bx1xLxL, deterministic
+        h_BxLxD = attn(
+            RMSNorm(self.policy, c.rms_norm_eps, name="norm1")(x_BxLxD),
+            mask_Bx1xLxL,
+            deterministic,
+            positions_BxL,
+            cache,
         )
+        if cache is not None:  # decoding: the attention also returns its advanced cache
+            h_BxLxD, cache = h_BxLxD
+        x_BxLxD = x_BxLxD + h_BxLxD
         mlp = SwiGLU(self.policy, c.d_ff, c.initializer_range, name="mlp")
         x_BxLxD = x_BxLxD + mlp(RMSNorm(self.policy, c.rms_norm_eps, name="norm2")(x_BxLxD))
-        return x_BxLxD.astype(self.dtype), None
+        return x_BxLxD.astype(self.dtype), cache
 
 
 class Llama(nn.Module):
@@ -109,6 +125,7 @@ class Llama(nn.Module):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         deterministic: bool = True,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
         """Runs the model.
 
@@ -117,30 +134,46 @@ class Llama(nn.Module):
           attention_mask: ``[B, L]`` 1/True for real tokens, 0/False for padding; None: no padding.
           token_type_ids: must be None (Llama has no token types).
           deterministic: False enables attention dropout (rng ``"dropout"``).
+          cache: decoding: the :class:`KVCache` of the tokens so far (``scan_layers=False``). The
+            ``L`` new tokens take positions after each row's real tokens; ``attention_mask`` marks
+            which of the new tokens are real.
 
         Returns:
           :class:`ModelOutput` with ``logits [B, L, V]`` (task ``lm``) and ``last_hidden_state
-          [B, L, D]``, both in the output dtype (logits: ``policy.for_module("lm_head")``).
+          [B, L, D]``, both in the output dtype (logits: ``policy.for_module("lm_head")``), and
+          the advanced ``cache`` when one was given.
         """
         if token_type_ids is not None:
             raise ValueError("Llama has no token types; pass token_type_ids=None")
+        if cache is not None and self.config.scan_layers:
+            raise ValueError("decoding with a KV cache needs scan_layers=False (see unstack_layer_params)")
         c = self.config
         length = input_ids.shape[1]
         token_embed = Embed(self.policy, c.vocab_size, c.d_model, c.initializer_range, name="token_embed")
-        x_BxLxD = apply_blocks(
-            LlamaBlock,
-            {"policy": self.policy, "config": c},
-            token_embed(input_ids),
-            make_attention_mask(attention_mask, length, causal=True),
-            deterministic,
-            n_layers=c.n_layers,
-            remat=c.remat,
-            scan_layers=c.scan_layers,
-        )
+        block_kwargs = {"policy": self.policy, "config": c}
+        if cache is None:
+            x_BxLxD = apply_blocks(
+                LlamaBlock,
+                block_kwargs,
+                token_embed(input_ids),
+                make_attention_mask(attention_mask, length, causal=True),
+                deterministic,
+                n_layers=c.n_layers,
+                remat=c.remat,
+                scan_layers=c.scan_layers,
+            )
+        else:
+            positions_BxL, mask, cache = cache.advance(attention_mask, length)
+            x_BxLxD, layers = apply_cached_blocks(
+                LlamaBlock, block_kwargs, token_embed(input_ids), mask, positions_BxL, cache.layers
+            )
+            cache = cache.replace(layers=layers)
         h_BxLxD = RMSNorm(self.policy, c.rms_norm_eps, name="final_norm")(x_BxLxD)
         logits = None
         if c.task == "lm":
             table_VxD = token_embed.variables["params"]["embedding"] if c.tie_embeddings else None
             lm_head = LogitsHead(self.policy, c.vocab_size, init_std=c.initializer_range, name="lm_head")
             logits = lm_head(h_BxLxD, table_VxD)
-        return ModelOutput(last_hidden_state=h_BxLxD.astype(self.policy.output_dtype), logits=logits)
+        return ModelOutput(
+            last_hidden_state=h_BxLxD.astype(self.policy.output_dtype), logits=logits, cache=cache
+        )
