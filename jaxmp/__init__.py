@@ -1,5 +1,6 @@
 """jaxmp: mixed-precision training and inference of language models in JAX/Flax."""
 
+from jaxmp import hf, lowp, models
 from jaxmp.optim import make_optimizer, make_schedule
 from jaxmp.precision import Policy, auto_policy, get_policy
 from jaxmp.scaling import (
@@ -15,6 +16,9 @@ from jaxmp.train_step import TrainState, make_eval_step, make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "hf",
+    "lowp",
+    "models",
     "Policy",
     "get_policy",
     "auto_policy",
