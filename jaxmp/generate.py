@@ -1,0 +1,298 @@
+"""Text generation under any precision policy, with a preallocated KV cache.
+
+The prompt batch (left-padded to one length ``P``) is prefilled in one pass; then one token
+per step is sampled and fed back inside a single jit-compiled ``jax.lax.while_loop``, which
+stops when every row has produced ``eos_id`` or after ``max_new_tokens``. Keys and values are
+cached in each attention layer's compute dtype; logits are sampled in float32.
+
+    python -m jaxmp.generate --model RUN_DIR|HF_DIR --policy params=bfloat16,compute=bfloat16 \\
+        --prompt "ROMEO:" --prompt "To be" --max-new-tokens 100 --temperature 0.8 --top-k 40
+
+A policy with ``params=bfloat16`` (or ``float16``) casts the weights once for serving, halving
+their memory; weights beyond float16's range are refused rather than turned into ``inf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmp.config import UsageError
+from jaxmp.data import DataError, Tokenizer
+from jaxmp.models import LlamaConfig
+from jaxmp.models.layers import AttentionCache, KVCache
+from jaxmp.serving import LoadedModel, load_model, tree_bytes
+
+__all__ = ["Sampling", "Generation", "init_cache", "sample_logits", "generate", "sample_text", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the float32 logits."""
+
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temperature)
+    top_k: int | None = None  # sample among the k most likely tokens only (None: all)
+    top_p: float | None = None  # sample among the fewest tokens whose probability reaches top_p (None: all)
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What :func:`generate` returns.
+
+    Attributes:
+      tokens: int32 ``[B, N]`` new tokens; after a row's ``eos_id`` the rest of it is ``eos_id``.
+      lengths: int32 ``[B]`` new tokens per row, its ``eos_id`` included.
+      finite: whether every logit sampled from was finite.
+      seconds: wall time of prefill and decoding (compilation excluded).
+      compile_seconds: wall time spent tracing and compiling (0 when already compiled).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    finite: bool
+    seconds: float
+    compile_seconds: float
+
+
+def init_cache(model: Any, batch: int, length: int) -> KVCache:
+    """An empty :class:`KVCache` of ``length`` slots for ``model`` (GPT-2 or Llama, unscanned).
+
+    Layer ``i``'s keys and values are ``[batch, length, G, K]`` zeros in the compute dtype of
+    ``blocks_{i}/attn``; ``mask`` is all False and every ``index`` 0.
+    """
+    config = model.config
+    kv_heads = config.n_kv_heads if isinstance(config, LlamaConfig) else config.n_heads
+    layers = []
+    for layer in range(config.n_layers):
+        dtype = model.policy.for_module(f"blocks_{layer}/attn").compute_dtype
+        zeros = jnp.zeros((batch, length, kv_heads, config.head_dim), dtype)
+        layers.append(AttentionCache(key=zeros, value=zeros, index=jnp.zeros((), jnp.int32)))
+    return KVCache(layers=tuple(layers), mask=jnp.zeros((batch, length), bool))
+
+
+def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """int32 ``[B]`` next tokens drawn from float32 ``[B, V]`` logits as ``sampling`` says."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits_BxV.shape[-1]:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if sampling.top_p is not None:
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # probability of the more likely tokens
+        cutoff_Bx1 = jnp.min(jnp.where(before_BxV < sampling.top_p, sorted_BxV, jnp.inf), -1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))
+def _decode(params, ids_BxP, mask_BxP, rng, *, model, max_new_tokens, sampling, eos_id):
+    """Prefill, then a while loop of (feed the last token, sample the next); see :func:`generate`."""
+    batch, prompt_len = ids_BxP.shape
+    # Slots for the prompt and every new token but the last, which is never fed back.
+    cache = init_cache(model, batch, prompt_len + max_new_tokens - 1)
+    out = model.apply({"params": params}, ids_BxP, attention_mask=mask_BxP, cache=cache)
+    logits_BxV = out.logits[:, -1].astype(jnp.float32)
+    token_B = sample_logits(logits_BxV, jax.random.fold_in(rng, 0), sampling)
+    tokens_BxN = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
+    ended_B = token_B == eos_id if eos_id is not None else jnp.zeros((batch,), bool)
+    finite = jnp.all(jnp.isfinite(logits_BxV))
+
+    def running(carry):
+        step, _, ended_B, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(ended_B)
+
+    def decode_step(carry):
+        step, tokens_BxN, ended_B, cache, finite = carry
+        out = model.apply({"params": params}, tokens_BxN[:, step - 1, None], cache=cache)
+        logits_BxV = out.logits[:, -1].astype(jnp.float32)
+        token_B = sample_logits(logits_BxV, jax.random.fold_in(rng, step), sampling)
+        if eos_id is not None:
+            token_B = jnp.where(ended_B, eos_id, token_B)
+            ended_B = ended_B | (token_B == eos_id)
+        tokens_BxN = tokens_BxN.at[:, step].set(token_B)
+        return step + 1, tokens_BxN, ended_B, out.cache, finite & jnp.all(jnp.isfinite(logits_BxV))
+
+    carry = (jnp.int32(1), tokens_BxN, ended_B, out.cache, finite)
+    steps, tokens_BxN, _, _, finite = jax.lax.while_loop(running, decode_step, carry)
+    return tokens_BxN, steps, finite
+
+
+def generate(
+    model: Any,
+    params: Any,
+    prompts: Sequence[np.ndarray],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_id: int | None = None,
+    seed: int = 0,
+) -> Generation:
+    """Continues each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+      model: a GPT-2 or Llama language model (``scan_layers=False``); its policy sets every dtype.
+      params: its params (in the policy's param dtypes, e.g. from ``hf.cast_params``).
+      prompts: int token ids, one ``[T_b]`` array per row, ``T_b >= 1``; shorter rows are left-padded.
+      max_new_tokens: ``N >= 1``; ``max(T_b) + N`` must fit in the model's ``max_positions``.
+      sampling: greedy by default.
+      eos_id: a row ends at this token (None: rows end after ``N`` tokens).
+      seed: seeds sampling (unused when greedy).
+
+    Raises:
+      UsageError: an empty prompt, ``N < 1`` or more tokens than the model's context.
+    """
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(prompt) == 0 for prompt in prompts):
+        raise UsageError("empty prompt: give every prompt at least one token of text")
+    prompt_len = max(len(prompt) for prompt in prompts)
+    context = model.config.max_positions
+    if prompt_len + max_new_tokens > context:
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens} plus the {prompt_len}-token prompt exceeds the model's context "
+            f"of {context} tokens; use at most {max(context - prompt_len, 0)} new tokens or a shorter prompt"
+        )
+    ids_BxP = np.zeros((len(prompts), prompt_len), np.int32)
+    mask_BxP = np.zeros((len(prompts), prompt_len), bool)
+    for row, prompt in enumerate(prompts):
+        ids_BxP[row, prompt_len - len(prompt) :] = prompt
+        mask_BxP[row, prompt_len - len(prompt) :] = True
+    args = (params, ids_BxP, mask_BxP, jax.random.key(seed))
+    static = {"model": model, "max_new_tokens": max_new_tokens, "sampling": sampling, "eos_id": eos_id}
+    started = time.perf_counter()
+    compiled = _decode.lower(*args, **static).compile()
+    compiled_at = time.perf_counter()
+    tokens_BxN, steps, finite = jax.device_get(compiled(*args))
+    finished = time.perf_counter()
+    tokens_BxN = tokens_BxN[:, :steps]
+    lengths_B = np.full(len(prompts), steps, np.int32)
+    if eos_id is not None:
+        is_eos_BxN = tokens_BxN == eos_id
+        lengths_B = np.where(is_eos_BxN.any(axis=1), is_eos_BxN.argmax(axis=1) + 1, steps).astype(np.int32)
+    return Generation(tokens_BxN, lengths_B, bool(finite), finished - compiled_at, compiled_at - started)
+
+
+def sample_text(
+    model: Any,
+    params: Any,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    seed: int = 0,
+    window: int | None = None,
+) -> str:
+    """``prompt`` plus a sampled continuation of up to ``max_new_tokens`` tokens, as text.
+
+    ``window`` (default: the model's context) bounds the tokens the model sees at once; a longer
+    continuation is generated in rounds, each conditioned on the last ``window // 2`` tokens so far.
+    Pass the training ``seq_len`` so the model never sees positions it was not trained on.
+    """
+    window = min(window or model.config.max_positions, model.config.max_positions)
+    sampling = Sampling(temperature=temperature, top_k=top_k)
+    tokens_T = np.asarray(tokenizer.encode(prompt), np.int32)
+    prompt_len, remaining, round_index = len(tokens_T), max_new_tokens, 0
+    while remaining > 0:
+        context_T = tokens_T[-max(window // 2, window - remaining) :]
+        new_tokens = min(remaining, window - len(context_T))
+        result = generate(
+            model, params, [context_T], new_tokens, sampling, tokenizer.eos_id, seed + round_index
+        )
+        new_T = result.tokens[0, : result.lengths[0]]
+        tokens_T = np.concatenate([tokens_T, new_T])
+        if tokenizer.eos_id in new_T:
+            break
+        remaining, round_index = remaining - new_tokens, round_index + 1
+    return prompt + tokenizer.decode(tokens_T[prompt_len:])
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxmp.generate", description=__doc__.splitlines()[0], exit_on_error=False
+    )
+    parser.add_argument("--model", required=True, help="a jaxmp run directory or a Hugging Face directory")
+    parser.add_argument(
+        "--policy", default="fp32", help="precision policy, e.g. params=bfloat16,compute=bfloat16"
+    )
+    parser.add_argument(
+        "--tokenizer", help="tokenizer spec (default: the run's, or the Hugging Face directory's)"
+    )
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per prompt at most")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    parser.add_argument(
+        "--top-p", type=float, help="sample among the fewest tokens reaching this probability"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return parser
+
+
+def _report(loaded: LoadedModel, prompts: list[str], result: Generation, cache_bytes: int) -> None:
+    tokenizer = loaded.tokenizer
+    for prompt, tokens_N, length in zip(prompts, result.tokens, result.lengths, strict=True):
+        print(f"=== {prompt!r}")
+        print(prompt + tokenizer.decode(tokens_N[:length]))
+    new_tokens = int(result.lengths.sum())
+    print(
+        f"--- {new_tokens} new tokens in {result.seconds:.3f} s ({new_tokens / result.seconds:.1f} tokens/s; "
+        f"compile {result.compile_seconds:.1f} s) | policy {loaded.model.policy} | params "
+        f"{tree_bytes(loaded.params) / 2**20:.2f} MiB + KV cache {cache_bytes / 2**20:.2f} MiB"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (2 for bad input, 1 for non-finite logits)."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        loaded = load_model(args.model, args.policy, args.tokenizer)
+        prompts = [loaded.tokenizer.encode(prompt) for prompt in args.prompt]
+        result = generate(
+            loaded.model,
+            loaded.params,
+            prompts,
+            args.max_new_tokens,
+            sampling,
+            loaded.tokenizer.eos_id,
+            args.seed,
+        )
+    except (argparse.ArgumentError, UsageError, DataError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    slots = max(len(prompt) for prompt in prompts) + args.max_new_tokens - 1
+    cache_bytes = tree_bytes(jax.eval_shape(lambda: init_cache(loaded.model, len(prompts), slots)))
+    _report(loaded, args.prompt, result, cache_bytes)
+    if not result.finite:
+        print(
+            f"{parser.prog}: error: non-finite logits under policy {loaded.model.policy} (activations overflowed); "
+            "use bfloat16 or float32 compute",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Loading a model for inference under a precision policy: a jaxmp run or a Hugging Face directory.
+
+``load_model(path, policy)`` reads the weights in float32, refuses a policy that would store or
+compute a weight in float16 beyond float16's range (it would become ``inf``), then casts the
+params once to each module's param dtype. Bad input raises :class:`jaxmp.config.UsageError`
+with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxmp import hf, models
+from jaxmp.checkpoint import Checkpointer
+from jaxmp.config import UsageError
+from jaxmp.data import DataError, Tokenizer, load_tokenizer
+from jaxmp.precision import Policy, get_policy
+
+__all__ = ["LoadedModel", "load_model", "check_float16_range", "tree_bytes"]
+
+_FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A causal language model ready for inference.
+
+    Attributes:
+      model: the GPT-2 or Llama module, carrying the serving policy.
+      params: params in that policy's param dtypes.
+      tokenizer: the tokenizer the model was trained with (or the one asked for).
+      run_config: a run directory's ``config.json`` (None for a Hugging Face directory).
+    """
+
+    model: Any
+    params: Any
+    tokenizer: Tokenizer
+    run_config: dict[str, Any] | None = None
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every leaf (arrays or ``jax.ShapeDtypeStruct``)."""
+    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def check_float16_range(params: Any, policy: Policy) -> None:
+    """Raises ``UsageError`` if a weight held or computed in float16 under ``policy`` exceeds float16's range."""
+    for path, value in traverse_util.flatten_dict(params, sep="/").items():
+        module_policy = policy.for_module(path.rsplit("/", 1)[0])
+        if np.dtype(np.float16) not in {
+            np.dtype(module_policy.param_dtype),
+            np.dtype(module_policy.compute_dtype),
+        }:
+            continue
+        peak = float(jnp.max(jnp.abs(value)))
+        if peak > _FLOAT16_MAX:
+            raise UsageError(
+                f"weight {path} reaches {peak:.4g}, beyond float16's largest value {_FLOAT16_MAX:g}; "
+                f"policy {policy} would turn it into inf: use bfloat16 or float32 for it (e.g. --policy bf16)"
+            )
+
+
+def _tokenizer(spec: str) -> Tokenizer:
+    try:
+        return load_tokenizer(spec)
+    except DataError as error:
+        raise UsageError(f"{error}; or pass --tokenizer byte|FILE|DIR") from None
+
+
+def _run_tokenizer(directory: Path, config: dict[str, Any]) -> Tokenizer:
+    """The run's tokenizer: ``byte``, a file or directory, or its trained BPE in ``cache/``."""
+    spec, expected = config["tokenizer"], config["identity"]["tokenizer"]
+    if not spec.startswith("bpe:"):
+        return _tokenizer(spec)
+    for path in sorted((directory / "cache").glob(f"bpe{spec.removeprefix('bpe:')}-*.json")):
+        tokenizer = _tokenizer(str(path))
+        if tokenizer.name == expected:
+            return tokenizer
+    raise UsageError(
+        f"run {directory} has no cached {spec} tokenizer named {expected} in cache/; pass --tokenizer"
+    )
+
+
+def _load_run(directory: Path) -> tuple[Any, Any, dict[str, Any], Tokenizer]:
+    """The run's model (float32 policy), newest params in float32, ``config.json`` and tokenizer."""
+    config = json.loads((directory / "config.json").read_text())
+    if config["task"] != "lm":
+        raise UsageError(f"run {directory} trained task {config['task']!r}; generation needs an lm run")
+    tokenizer = _run_tokenizer(directory, config)
+    if config["init"]:
+        model, _ = _load_hf(Path(config["init"]))
+    else:
+        model = models.get_model(config["model"], "fp32", vocab_size=tokenizer.vocab_size)
+    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 1))
+    checkpointer = Checkpointer(directory / "checkpoints")
+    if checkpointer.latest_step() is None:
+        raise UsageError(f"run {directory} has no checkpoint yet in {directory / 'checkpoints'}")
+    return model, checkpointer.restore_params(abstract), config, tokenizer
+
+
+def _load_hf(directory: Path) -> tuple[Any, Any]:
+    try:
+        model, params = hf.from_pretrained(directory, "fp32")
+    except (ValueError, OSError) as error:
+        raise UsageError(f"--model {directory}: {str(error).splitlines()[0]}") from None
+    if isinstance(model.config, models.BertConfig) or model.config.task != "lm":
+        raise UsageError(f"--model {directory} is not a causal language model; give a GPT-2 or Llama LM")
+    return model, params
+
+
+def load_model(
+    path: str | os.PathLike, policy: Policy | str = "fp32", tokenizer: str | None = None
+) -> LoadedModel:
+    """Loads a jaxmp run directory (``config.json`` + ``checkpoints/``) or a Hugging Face directory.
+
+    Args:
+      path: the directory.
+      policy: serving policy; params are cast once to its param dtypes.
+      tokenizer: a ``load_tokenizer`` spec; None: the run's tokenizer, or the Hugging Face directory.
+
+    Raises:
+      UsageError: an unknown path or policy, a non-LM model, a missing tokenizer or checkpoint, a
+        tokenizer with more ids than the model, or weights beyond float16's range for an fp16 policy.
+    """
+    try:
+        policy = get_policy(policy)
+    except ValueError as error:
+        raise UsageError(f"--policy: {error}") from None
+    directory = Path(path)
+    run_config = None
+    if (directory / "config.json").is_file() and (directory / "checkpoints").is_dir():
+        model, params, run_config, run_tokenizer = _load_run(directory)
+        tokenizer_ = _tokenizer(tokenizer) if tokenizer else run_tokenizer
+    elif (directory / "config.json").is_file():
+        model, params = _load_hf(directory)
+        tokenizer_ = _tokenizer(tokenizer or str(directory))
+    else:
+        raise UsageError(
+            f"--model {path} is neither a jaxmp run directory (config.json + checkpoints/) nor a Hugging Face "
+            "directory (config.json + model.safetensors)"
+        )
+    if tokenizer_.vocab_size > model.config.vocab_size:
+        raise UsageError(
+            f"tokenizer {tokenizer_.name} has {tokenizer_.vocab_size} ids but the model only "
+            f"{model.config.vocab_size}; use the model's own tokenizer"
+        )
+    check_float16_range(params, policy)
+    model = models.create_model(model.config, policy)
+    return LoadedModel(model, hf.cast_params(params, policy), tokenizer_, run_config)
