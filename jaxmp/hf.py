@@ -475,6 +475,8 @@ def from_pretrained(
         every missing, unexpected and mis-shaped checkpoint tensor.
     """
     directory = Path(local_dir)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json (a local Hugging Face model directory is needed)")
     hf_config = transformers.AutoConfig.from_pretrained(
         directory, local_files_only=True, trust_remote_code=False
     )
@@ -516,8 +518,12 @@ def save_pretrained(model: nn.Module, params: Any, out_dir: str | os.PathLike) -
     Tensors keep their stored dtypes; ``config.json`` names the task's transformers class
     (e.g. ``GPT2LMHeadModel``, ``BertForSequenceClassification``) and the policy's param dtype.
     """
-    config = model.config
-    family = next(f for f in _FAMILIES.values() if isinstance(config, f.config_type))
+    config = getattr(model, "config", None)
+    family = next((f for f in _FAMILIES.values() if isinstance(config, f.config_type)), None)
+    if family is None:
+        raise ValueError(
+            f"save_pretrained needs a jaxmp GPT-2, BERT or Llama model, not {type(model).__name__}"
+        )
     if config.scan_layers:
         params = registry.unstack_layer_params(params, config.n_layers)
     flat = traverse_util.flatten_dict(params, sep="/")

@@ -283,7 +283,9 @@ def test_mismatched_checkpoint_fails_with_one_error_listing_names(reference, tmp
         hf.from_pretrained(shallower)
 
 
-def test_unsupported_model_type_and_missing_weights_are_value_errors(tmp_path):
+def test_unsupported_model_type_and_missing_files_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        hf.from_pretrained(tmp_path / "nowhere")
     transformers.T5Config().save_pretrained(tmp_path / "t5")
     with pytest.raises(ValueError, match="model_type 't5' is not supported"):
         hf.from_pretrained(tmp_path / "t5")
