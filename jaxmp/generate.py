@@ -30,7 +30,7 @@ from jaxmp.config import UsageError
 from jaxmp.data import DataError, Tokenizer
 from jaxmp.models import LlamaConfig
 from jaxmp.models.layers import AttentionCache, KVCache
-from jaxmp.serving import LoadedModel, load_model, tree_bytes
+from jaxmp.serving import LoadedModel, UsageParser, load_model, tree_bytes
 
 __all__ = ["Sampling", "Generation", "init_cache", "sample_logits", "generate", "sample_text", "main"]
 
@@ -227,9 +227,7 @@ def sample_text(
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxmp.generate", description=__doc__.splitlines()[0], exit_on_error=False
-    )
+    parser = UsageParser(prog="python -m jaxmp.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a jaxmp run directory or a Hugging Face directory")
     parser.add_argument(
         "--policy", default="fp32", help="precision policy, e.g. params=bfloat16,compute=bfloat16"
@@ -278,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded.tokenizer.eos_id,
             args.seed,
         )
-    except (argparse.ArgumentError, UsageError, DataError) as error:
+    except (UsageError, DataError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     slots = max(len(prompt) for prompt in prompts) + args.max_new_tokens - 1

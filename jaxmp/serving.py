@@ -8,6 +8,7 @@ with a one-line message.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -25,9 +26,16 @@ from jaxmp.config import UsageError
 from jaxmp.data import DataError, Tokenizer, load_tokenizer
 from jaxmp.precision import Policy, get_policy
 
-__all__ = ["LoadedModel", "load_model", "check_float16_range", "tree_bytes"]
+__all__ = ["UsageParser", "LoadedModel", "load_model", "with_policy", "check_float16_range", "tree_bytes"]
 
 _FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)
+
+
+class UsageParser(argparse.ArgumentParser):
+    """An argument parser whose errors raise ``UsageError`` (the CLI prints one line, exits 2)."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -153,6 +161,15 @@ def load_model(
             f"tokenizer {tokenizer_.name} has {tokenizer_.vocab_size} ids but the model only "
             f"{model.config.vocab_size}; use the model's own tokenizer"
         )
-    check_float16_range(params, policy)
-    model = models.create_model(model.config, policy)
-    return LoadedModel(model, hf.cast_params(params, policy), tokenizer_, run_config)
+    return with_policy(LoadedModel(model, params, tokenizer_, run_config), policy)
+
+
+def with_policy(loaded: LoadedModel, policy: Policy) -> LoadedModel:
+    """``loaded`` under ``policy``: its params cast once (``loaded.params`` should be float32).
+
+    Raises:
+      UsageError: a weight beyond float16's range where ``policy`` holds or computes it in float16.
+    """
+    check_float16_range(loaded.params, policy)
+    model = models.create_model(loaded.model.config, policy)
+    return dataclasses.replace(loaded, model=model, params=hf.cast_params(loaded.params, policy))
