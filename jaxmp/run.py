@@ -45,6 +45,7 @@ class RunResult:
     task: Task
     run_dir: RunDir
     interrupted_by: int | None = None  # the signal number that stopped the run early
+    train_step: Callable | None = None  # the jitted step (its ``.lower(...).compile()`` is cached)
 
 
 def check_config(config: TrainConfig) -> precision.Policy:
@@ -184,6 +185,9 @@ def _train(
     evaluated: dict[str, float] = {}
     consecutive_skips, pending = 0, None
     started = time.perf_counter()
+    # Wall time between consecutive finished micro-steps; the median leaves out compilation and evaluation.
+    step_seconds: list[float] = []
+    last_finished = started
     show = sys.stderr.isatty() if show_progress is None else show_progress
     bar = tqdm.tqdm(
         total=config.steps, initial=start_micro // accum, disable=not show, unit="step", leave=False
@@ -195,7 +199,10 @@ def _train(
 
     def handle(micro: int, metrics: dict[str, Any]) -> None:
         """Host-side work for finished micro-step ``micro`` (0-based), one step late."""
-        nonlocal consecutive_skips, evaluated
+        nonlocal consecutive_skips, evaluated, last_finished
+        now = time.perf_counter()
+        step_seconds.append(now - last_finished)
+        last_finished = now
         window.losses.append(float(metrics["loss"]))
         window.tokens += task.tokens_per_batch
         consecutive_skips = 0 if metrics["grads_finite"] else consecutive_skips + 1
@@ -248,22 +255,27 @@ def _train(
                     f"interrupted by signal {signals.received}: checkpoint saved at micro-step {micro + 1}; "
                     f"continue with --resume"
                 )
-                summary = _summary(
-                    config, task, state, run_dir, evaluated, started, start_micro, interrupted=True
-                )
+                timing = (started, start_micro, step_seconds)
+                summary = _summary(config, task, state, run_dir, evaluated, *timing, interrupted=True)
                 run_dir.write_summary(summary)
-                return RunResult(summary, state, task, run_dir, interrupted_by=signals.received)
+                return RunResult(
+                    summary, state, task, run_dir, interrupted_by=signals.received, train_step=train_step
+                )
         if pending is not None:
             handle(micro, jax.device_get(pending))
     bar.close()
     if checkpointer.latest_step() != total_micro:
         save(total_micro, [])
-    summary = _summary(config, task, state, run_dir, evaluated, started, start_micro, interrupted=False)
+    summary = _summary(
+        config, task, state, run_dir, evaluated, started, start_micro, step_seconds, interrupted=False
+    )
     run_dir.write_summary(summary)
-    return RunResult(summary, state, task, run_dir)
+    return RunResult(summary, state, task, run_dir, train_step=train_step)
 
 
-def _summary(config, task, state, run_dir, evaluated, started, start_micro, *, interrupted) -> dict[str, Any]:
+def _summary(
+    config, task, state, run_dir, evaluated, started, start_micro, step_seconds, *, interrupted
+) -> dict[str, Any]:
     wall = time.perf_counter() - started
     micro_steps = int(state.step) - start_micro
     last = run_dir.last_metrics()
@@ -278,6 +290,7 @@ def _summary(config, task, state, run_dir, evaluated, started, start_micro, *, i
         **{f"final_{k}": v for k, v in evaluated.items()},
         "wall_seconds": wall,
         "tokens_per_s": micro_steps * task.tokens_per_batch / max(wall, 1e-9),
+        "step_time_s": float(np.median(step_seconds)) if step_seconds else None,  # per micro-step
         "skipped_steps": int(state.skipped_steps),
         "final_loss_scale": float(state.loss_scale.loss_scale),
         "state_bytes_per_param": lowp.state_bytes_per_param(state.params, state.opt_state),
