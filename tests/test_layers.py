@@ -132,10 +132,12 @@ def test_both_attention_paths_match_a_reference_with_grouped_queries(softmax_dty
     mask = layers.make_attention_mask(jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]), 6, causal=True)
     assert mask.shape == (2, 1, 6, 6)
     expected = _reference_attention(*(np.asarray(a, np.float64) for a in (q, k, v)), np.asarray(mask))
-    explicit = layers._attend_softmax(q, k, v, mask, softmax_dtype, None, True)
+    explicit = jax.jit(layers._attend_softmax, static_argnums=(4, 5, 6))(
+        q, k, v, mask, softmax_dtype, None, True
+    )
     tolerance = 1e-5 if softmax_dtype == F32 else 2e-2
     np.testing.assert_allclose(np.asarray(explicit), expected, atol=tolerance)
-    fused = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    fused = jax.jit(jax.nn.dot_product_attention)(q, k, v, mask=mask)
     np.testing.assert_allclose(np.asarray(fused), expected, atol=1e-5)
 
 
