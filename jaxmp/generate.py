@@ -87,34 +87,53 @@ def init_cache(model: Any, batch: int, length: int) -> KVCache:
     return KVCache(layers=tuple(layers), mask=jnp.zeros((batch, length), bool))
 
 
-def sample_logits(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
-    """int32 ``[B]`` next tokens drawn from float32 ``[B, V]`` logits as ``sampling`` says."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logits_BxV / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits_BxV.shape[-1]:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    if sampling.top_p is not None:
-        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+def sample_logits(
+    logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
+    """int32 ``[B]`` next tokens from float32 ``[B, V]`` logits; the knobs may be traced scalars.
+
+    Args:
+      logits_BxV: float32 logits.
+      rng: PRNG key (unused when greedy).
+      temperature: 0 for greedy (argmax), else logits are divided by it.
+      top_k: keep the ``top_k`` most likely tokens (``V``: all).
+      top_p: then keep the fewest most likely tokens whose probability reaches ``top_p`` (1: all).
+    """
+
+    def keep_top(scaled_BxV):
+        sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
+        kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, top_k - 1, 1, axis=1)
         probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
         before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # probability of the more likely tokens
-        cutoff_Bx1 = jnp.min(jnp.where(before_BxV < sampling.top_p, sorted_BxV, jnp.inf), -1, keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
-    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+        nucleus_Bx1 = jnp.min(jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(scaled_BxV < jnp.maximum(kth_Bx1, nucleus_Bx1), -jnp.inf, scaled_BxV)
+
+    def sample(logits_BxV):
+        scaled_BxV = logits_BxV / temperature
+        filtering = (top_k < logits_BxV.shape[-1]) | (top_p < 1)
+        scaled_BxV = jax.lax.cond(filtering, keep_top, lambda scaled: scaled, scaled_BxV)
+        return jax.random.categorical(rng, scaled_BxV, axis=-1).astype(jnp.int32)
+
+    def greedy(logits_BxV):
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits_BxV)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))
-def _decode(params, ids_BxP, mask_BxP, rng, *, model, max_new_tokens, sampling, eos_id):
-    """Prefill, then a while loop of (feed the last token, sample the next); see :func:`generate`."""
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def _decode(params, ids_BxP, mask_BxP, rng, knobs, eos_id, *, model, max_new_tokens):
+    """Prefill, then a while loop of (feed the last token, sample the next); see :func:`generate`.
+
+    ``knobs`` is ``(temperature, top_k, top_p)`` and ``eos_id`` is -1 for none: traced, so changing
+    them never recompiles.
+    """
     batch, prompt_len = ids_BxP.shape
     # Slots for the prompt and every new token but the last, which is never fed back.
     cache = init_cache(model, batch, prompt_len + max_new_tokens - 1)
     out = model.apply({"params": params}, ids_BxP, attention_mask=mask_BxP, cache=cache)
     logits_BxV = out.logits[:, -1].astype(jnp.float32)
-    token_B = sample_logits(logits_BxV, jax.random.fold_in(rng, 0), sampling)
+    token_B = sample_logits(logits_BxV, jax.random.fold_in(rng, 0), *knobs)
     tokens_BxN = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
-    ended_B = token_B == eos_id if eos_id is not None else jnp.zeros((batch,), bool)
     finite = jnp.all(jnp.isfinite(logits_BxV))
 
     def running(carry):
@@ -125,14 +144,18 @@ def _decode(params, ids_BxP, mask_BxP, rng, *, model, max_new_tokens, sampling, 
         step, tokens_BxN, ended_B, cache, finite = carry
         out = model.apply({"params": params}, tokens_BxN[:, step - 1, None], cache=cache)
         logits_BxV = out.logits[:, -1].astype(jnp.float32)
-        token_B = sample_logits(logits_BxV, jax.random.fold_in(rng, step), sampling)
-        if eos_id is not None:
-            token_B = jnp.where(ended_B, eos_id, token_B)
-            ended_B = ended_B | (token_B == eos_id)
+        token_B = sample_logits(logits_BxV, jax.random.fold_in(rng, step), *knobs)
+        token_B = jnp.where(ended_B, eos_id, token_B)
         tokens_BxN = tokens_BxN.at[:, step].set(token_B)
-        return step + 1, tokens_BxN, ended_B, out.cache, finite & jnp.all(jnp.isfinite(logits_BxV))
+        return (
+            step + 1,
+            tokens_BxN,
+            ended_B | (token_B == eos_id),
+            out.cache,
+            finite & jnp.all(jnp.isfinite(logits_BxV)),
+        )
 
-    carry = (jnp.int32(1), tokens_BxN, ended_B, out.cache, finite)
+    carry = (jnp.int32(1), tokens_BxN, token_B == eos_id, out.cache, finite)
     steps, tokens_BxN, _, _, finite = jax.lax.while_loop(running, decode_step, carry)
     return tokens_BxN, steps, finite
 
@@ -176,8 +199,21 @@ def generate(
     for row, prompt in enumerate(prompts):
         ids_BxP[row, prompt_len - len(prompt) :] = prompt
         mask_BxP[row, prompt_len - len(prompt) :] = True
-    args = (params, ids_BxP, mask_BxP, jax.random.key(seed))
-    static = {"model": model, "max_new_tokens": max_new_tokens, "sampling": sampling, "eos_id": eos_id}
+    vocab_size = model.config.vocab_size
+    knobs = (
+        np.float32(sampling.temperature),
+        np.int32(min(sampling.top_k or vocab_size, vocab_size)),
+        np.float32(1.0 if sampling.top_p is None else sampling.top_p),
+    )
+    args = (
+        params,
+        ids_BxP,
+        mask_BxP,
+        jax.random.key(seed),
+        knobs,
+        np.int32(-1 if eos_id is None else eos_id),
+    )
+    static = {"model": model, "max_new_tokens": max_new_tokens}
     started = time.perf_counter()
     compiled = _decode.lower(*args, **static).compile()
     compiled_at = time.perf_counter()
