@@ -1,0 +1,489 @@
+"""What a precision policy does to one model's activations and gradients, layer by layer.
+
+``diagnose(model, params, policy, batches)`` runs each batch forward and backward twice, in
+float32 (the reference) and under the policy, and records for every module output
+(``activation``), the gradient of the loss with respect to it (``activation_grad``) and every
+parameter gradient (``param_grad``):
+
+* how the float32 values would fare in float16 (:class:`RangeStats`): max ``|x|`` and the
+  fractions that overflow (``|x| > 65504``), underflow to zero (``0 < |x| < 2**-24``) or land
+  in the subnormals (``2**-24 <= |x| < 2**-14``); gradients are multiplied by the loss scale
+  first, as training would;
+* the same counts for the policy's own values (scaled gradients, before unscaling);
+* the relative error ``||policy - fp32|| / ||fp32||`` (gradients unscaled).
+
+Both at loss scale 1 and at the scale the policy's loss scaling would settle on. It also
+finds the largest power-of-two static loss scale whose gradients do not overflow, by running
+the policy's backward pass at candidate scales.
+
+Module outputs come from ``flax.linen.intercept_methods``: each ``__call__`` output gets a zero
+perturbation added, and the gradient with respect to that perturbation is the gradient with
+respect to the output. A module called twice is named ``path#1`` for its second call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmp import hf, models, scaling
+from jaxmp.losses import lm_loss
+from jaxmp.precision import Policy, get_policy
+from jaxmp.train_step import leaf_paths
+
+__all__ = [
+    "FP16_MAX",
+    "FP16_SMALLEST_SUBNORMAL",
+    "FP16_SMALLEST_NORMAL",
+    "LOG2_BINS",
+    "RangeStats",
+    "range_stats",
+    "log2_histogram",
+    "Measured",
+    "Entry",
+    "Histogram",
+    "Diagnosis",
+    "diagnose",
+    "settled_loss_scale",
+]
+
+FP16_MAX = 65504.0  # largest finite float16
+FP16_SMALLEST_SUBNORMAL = 2.0**-24  # smaller magnitudes are "underflow" here
+FP16_SMALLEST_NORMAL = 2.0**-14  # below this float16 keeps fewer than 11 significant bits
+LOG2_BINS = np.arange(-160, 140)  # histogram bin b holds values with floor(log2 |x|) == b
+_MAX_LOG2_SCALE = 64  # the search for a loss scale stays within 2**-24 .. 2**64
+_MIN_LOG2_SCALE = -24
+# Entries whose fp32 RMS is below this fraction of their kind's RMS rank last among those at risk:
+# rounding noise, such as the gradient of an attention key bias (exactly zero in exact arithmetic).
+NEGLIGIBLE_RMS = 1e-4
+
+
+class RangeStats(NamedTuple):
+    """How the values of an array would fare in float16 (counts are exact integers).
+
+    Attributes:
+      count: number of values.
+      max_abs: largest ``|x|`` (NaNs ignored; ``inf`` if any value is infinite).
+      overflow: values with ``|x| > 65504`` (infinities included).
+      underflow: values with ``0 < |x| < 2**-24``: float16 has nothing nonzero to round them to.
+      subnormal: values with ``2**-24 <= |x| < 2**-14``: float16 keeps them with reduced precision.
+      zero: values exactly zero.
+      nan: NaN values.
+    """
+
+    count: Any
+    max_abs: Any
+    overflow: Any
+    underflow: Any
+    subnormal: Any
+    zero: Any
+    nan: Any
+
+    def merge(self, other: RangeStats) -> RangeStats:
+        """Statistics of both arrays together (on the host)."""
+        counts = {f: int(getattr(self, f)) + int(getattr(other, f)) for f in self._fields if f != "max_abs"}
+        return RangeStats(max_abs=max(float(self.max_abs), float(other.max_abs)), **counts)
+
+    def fractions(self) -> dict[str, float]:
+        """``max_abs`` and each count divided by ``count``: ``overflow``, ``underflow``, ... ."""
+        count = max(int(self.count), 1)
+        fields = ("overflow", "underflow", "subnormal", "zero", "nan")
+        return {"max_abs": float(self.max_abs), **{f: int(getattr(self, f)) / count for f in fields}}
+
+
+def range_stats(x: jax.Array, scale: float | jax.Array = 1.0) -> RangeStats:
+    """:class:`RangeStats` of ``x * scale``, computed in float32 (jittable).
+
+    Args:
+      x: any float array.
+      scale: multiplies ``x`` first (a loss scale applied to a gradient).
+    """
+    abs_x = jnp.abs(x.astype(jnp.float32).ravel()) * jnp.asarray(scale, jnp.float32)
+    nan = jnp.isnan(abs_x)
+
+    def count(mask):
+        return jnp.sum(mask, dtype=jnp.int32)
+
+    return RangeStats(
+        count=jnp.asarray(abs_x.size, jnp.int32),
+        max_abs=jnp.max(jnp.where(nan, 0.0, abs_x), initial=0.0),
+        overflow=count(abs_x > FP16_MAX),
+        underflow=count((abs_x > 0) & (abs_x < FP16_SMALLEST_SUBNORMAL)),
+        subnormal=count((abs_x >= FP16_SMALLEST_SUBNORMAL) & (abs_x < FP16_SMALLEST_NORMAL)),
+        zero=count(abs_x == 0),
+        nan=count(nan),
+    )
+
+
+def log2_histogram(leaves: Iterable[jax.Array], scale: float | jax.Array = 1.0) -> jax.Array:
+    """int32 counts over :data:`LOG2_BINS` of ``floor(log2 |x * scale|)`` for finite nonzero values."""
+    counts = jnp.zeros(LOG2_BINS.size, jnp.int32)
+    for leaf in leaves:
+        x = leaf.astype(jnp.float32).ravel() * jnp.asarray(scale, jnp.float32)
+        _, exponent = jnp.frexp(x)  # x = m * 2**exponent, 0.5 <= |m| < 1
+        index = jnp.clip(exponent - 1 - LOG2_BINS[0], 0, LOG2_BINS.size - 1)
+        keep = ((x != 0) & jnp.isfinite(x)).astype(jnp.int32)
+        counts = counts + jnp.bincount(index, weights=keep, length=LOG2_BINS.size).astype(jnp.int32)
+    return counts
+
+
+def _flat(tree: Any) -> dict[str, jax.Array]:
+    return dict(zip(leaf_paths(tree), jax.tree.leaves(tree), strict=True))
+
+
+def _lm_forward(model: nn.Module, params: Any, batch: dict, perturbations: dict[str, jax.Array]):
+    """The LM loss and every module's floating output, each plus its entry of ``perturbations``."""
+    outputs: dict[str, jax.Array] = {}
+    calls: dict[str, int] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        output = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or isinstance(context.module, nn.Dropout):
+            return output
+        path = "/".join(context.module.path) or "model"
+        calls[path] = calls.get(path, 0) + 1
+        name = path if calls[path] == 1 else f"{path}#{calls[path] - 1}"
+        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(output)
+        leaves = [leaf for _, leaf in paths_and_leaves]
+        floating = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+        for i in floating:
+            key = name if len(floating) == 1 else name + jax.tree_util.keystr(paths_and_leaves[i][0])
+            leaves[i] = leaves[i] + perturbations[key] if key in perturbations else leaves[i]
+            outputs[key] = leaves[i]
+        return jax.tree.unflatten(treedef, leaves)
+
+    with nn.intercept_methods(interceptor):
+        out = model.apply({"params": params}, batch["input_ids"])
+    return lm_loss(out.logits, batch["targets"]), outputs
+
+
+def _probe(model: nn.Module, params: Any, batch: dict, scale: jax.Array):
+    """``(outputs, output_grads, param_grads)`` of ``scale * loss``, each a flat ``{name: array}``."""
+    shapes = jax.eval_shape(lambda p: _lm_forward(model, p, batch, {})[1], params)
+    zeros = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
+
+    def scaled_loss(params, perturbations):
+        loss, outputs = _lm_forward(model, params, batch, perturbations)
+        return loss.astype(jnp.float32) * scale, outputs
+
+    (param_grads, output_grads), outputs = jax.grad(scaled_loss, argnums=(0, 1), has_aux=True)(params, zeros)
+    return outputs, output_grads, _flat(param_grads)
+
+
+def _error_terms(policy_x: jax.Array, reference_x: jax.Array) -> jax.Array:
+    """float32[3] ``(m, sum((p - r)/m)^2, sum(r/m)^2)`` with ``m = max |r|``: no fp32 under/overflow."""
+    reference_x = reference_x.astype(jnp.float32)
+    m = jnp.maximum(jnp.max(jnp.abs(reference_x)), jnp.finfo(jnp.float32).tiny)
+    diff = (policy_x.astype(jnp.float32) - reference_x) / m
+    return jnp.stack([m, jnp.sum(diff * diff), jnp.sum(jnp.square(reference_x / m))])
+
+
+@jax.jit
+def _entry_stats(reference: jax.Array, value: jax.Array, scale: jax.Array):
+    """Reference stats of ``reference * scale``, the policy's stats of ``value``, error of ``value / scale``."""
+    return (
+        range_stats(reference, scale),
+        range_stats(value),
+        _error_terms(value.astype(jnp.float32) / scale, reference),
+    )
+
+
+_jit_range_stats = jax.jit(range_stats)
+_jit_log2_histogram = jax.jit(lambda x, scale: log2_histogram([x], scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One entry at one loss scale.
+
+    Attributes:
+      reference: :class:`RangeStats` of the fp32 values (gradients times the loss scale).
+      policy: :class:`RangeStats` of the policy's values (gradients scaled, before unscaling).
+      relative_error: ``||policy - fp32|| / ||fp32||`` over all batches (gradients unscaled).
+      reference_rms: root mean square of the fp32 values (gradients unscaled).
+    """
+
+    reference: RangeStats
+    policy: RangeStats
+    relative_error: float
+    reference_rms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference.fractions(),
+            "policy": self.policy.fractions(),
+            "relative_error": self.relative_error,
+            "reference_rms": self.reference_rms,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A module output, the gradient with respect to it, or a parameter's gradient.
+
+    Attributes:
+      name: module path (``blocks_0/attn/query``) or parameter path (``blocks_0/attn/query/kernel``).
+      kind: ``activation``, ``activation_grad`` or ``param_grad``.
+      at_one: measured at loss scale 1.
+      at_scale: measured at :attr:`Diagnosis.loss_scale` (equal to ``at_one`` for activations).
+    """
+
+    name: str
+    kind: str
+    at_one: Measured
+    at_scale: Measured
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+    """Parameter gradients binned by ``floor(log2 |g|)`` over :data:`LOG2_BINS`, at one loss scale.
+
+    Attributes:
+      scale: the loss scale the gradients were taken at (values are scaled, not unscaled).
+      policy: int64[len(LOG2_BINS)] counts of the policy's finite nonzero gradient values.
+      reference: int64[len(LOG2_BINS)] counts of the fp32 gradients times ``scale``.
+      policy_zeros: policy gradient values that are exactly zero.
+      reference_zeros: fp32 gradient values that are exactly zero.
+    """
+
+    scale: float
+    policy: np.ndarray
+    reference: np.ndarray
+    policy_zeros: int
+    reference_zeros: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`diagnose` found.
+
+    Attributes:
+      policy: the policy string.
+      loss_scale_spec: ``auto``, ``none``, ``dynamic`` or ``static:N``.
+      loss_scale: the scale that loss scaling settles on for these batches (see :func:`settled_loss_scale`).
+      recommended_loss_scale: the largest power of two whose gradients do not overflow; None if
+        none in ``2**-24 .. 2**64`` works (e.g. the forward pass already overflows).
+      entries: every activation, activation gradient and parameter gradient.
+      histograms: parameter-gradient histograms at loss scale 1 and at ``loss_scale``.
+      uses_float16: whether the policy stores or computes anything in float16.
+    """
+
+    policy: str
+    loss_scale_spec: str
+    loss_scale: float
+    recommended_loss_scale: float | None
+    entries: list[Entry]
+    histograms: tuple[Histogram, Histogram]
+    uses_float16: bool
+
+    def at_risk(self, top: int = 10) -> list[Entry]:
+        """The ``top`` entries most hurt by the policy.
+
+        With float16 in the policy: the largest fraction of values float16 loses at the settled
+        loss scale (overflow plus underflow), then the subnormal fraction, then the relative
+        error. Otherwise (bf16, fp32): the largest relative error. Negligible entries (see
+        :data:`NEGLIGIBLE_RMS`) come last.
+        """
+        kind_rms = {}
+        for kind in {entry.kind for entry in self.entries}:
+            of_kind = [entry.at_one for entry in self.entries if entry.kind == kind]
+            squares = sum(m.reference_rms**2 * int(m.reference.count) for m in of_kind)
+            kind_rms[kind] = math.sqrt(squares / max(sum(int(m.reference.count) for m in of_kind), 1))
+
+        def risk(entry: Entry) -> tuple[float, ...]:
+            significant = entry.at_one.reference_rms >= NEGLIGIBLE_RMS * kind_rms[entry.kind]
+            error = entry.at_scale.relative_error
+            error = math.inf if math.isnan(error) else error
+            if not self.uses_float16:
+                return (significant, error)
+            fractions = entry.at_scale.reference.fractions()
+            return (
+                significant,
+                fractions["overflow"] + fractions["underflow"],
+                fractions["subnormal"],
+                error,
+            )
+
+        return sorted(self.entries, key=risk, reverse=True)[:top]
+
+    def to_json(self, top: int = 10) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "loss_scale_spec": self.loss_scale_spec,
+            "loss_scale": self.loss_scale,
+            "recommended_loss_scale": self.recommended_loss_scale,
+            "at_risk": [f"{e.kind}:{e.name}" for e in self.at_risk(top)],
+            "entries": [
+                {
+                    "name": e.name,
+                    "kind": e.kind,
+                    "at_one": e.at_one.to_json(),
+                    "at_scale": e.at_scale.to_json(),
+                }
+                for e in self.entries
+            ],
+            "histograms": [
+                {
+                    "scale": h.scale,
+                    "log2_bins": LOG2_BINS.tolist(),
+                    "policy": h.policy.tolist(),
+                    "reference": h.reference.tolist(),
+                    "policy_zeros": h.policy_zeros,
+                    "reference_zeros": h.reference_zeros,
+                }
+                for h in self.histograms
+            ],
+        }
+
+
+def settled_loss_scale(loss_scale: scaling.LossScale, recommended: float | None) -> float:
+    """The scale ``loss_scale`` uses once it has met these gradients.
+
+    None: 1. Static: its value. Dynamic: its initial scale divided by ``factor`` until it is at
+    most ``recommended`` (or reaches ``min_scale``), as its back-off on overflow would.
+    """
+    if isinstance(loss_scale, scaling.DynamicLossScale):
+        scale, floor = float(loss_scale.loss_scale), float(loss_scale.min_scale)
+        while scale > floor and (recommended is None or scale > recommended):
+            scale = max(scale / float(loss_scale.factor), floor)
+        return scale
+    return float(loss_scale.loss_scale)
+
+
+class _Runner:
+    """Runs the fp32 and the policy model's forward and backward passes over the batches."""
+
+    def __init__(self, model: nn.Module, params: Any, policy: Policy, batches: list[dict]):
+        model32, model_p = (
+            models.create_model(model.config, "fp32"),
+            models.create_model(model.config, policy),
+        )
+        self.probe32 = jax.jit(lambda params, batch, scale: _probe(model32, params, batch, scale))
+        self.probe_p = jax.jit(lambda params, batch, scale: _probe(model_p, params, batch, scale))
+        self.params32, self.params_p = hf.cast_params(params, "fp32"), hf.cast_params(params, policy)
+        self.batches = batches
+        self.uses_float16 = np.dtype(np.float16) in set(policy.compute_dtypes) | {policy.param_dtype}
+
+    def policy_gradients(self, scale: float):
+        """Yields every activation and parameter gradient of the policy at ``scale``, batch by batch."""
+        for batch in self.batches:
+            _, output_grads, param_grads = self.probe_p(self.params_p, batch, np.float32(scale))
+            yield from output_grads.values()
+            yield from param_grads.values()
+
+    def overflows(self, scale: float) -> bool:
+        """Whether a policy gradient is non-finite at ``scale`` (or, without float16, exceeds 65504)."""
+        for grad in self.policy_gradients(scale):
+            stats = jax.device_get(_jit_range_stats(grad, np.float32(1.0)))
+            if stats.nan or (stats.max_abs == math.inf if self.uses_float16 else stats.overflow):
+                return True
+        return False
+
+    def measure(self, scale: float) -> tuple[dict[str, tuple], Histogram]:
+        """``{"kind:name": (reference stats, policy stats, float64 [sum (p-r)^2, sum r^2])}`` and histograms."""
+        merged: dict[str, tuple] = {}
+        counts = np.zeros((2, LOG2_BINS.size), np.int64)
+        kinds = ("activation", "activation_grad", "param_grad")
+        for batch in self.batches:
+            reference = self.probe32(self.params32, batch, np.float32(1.0))
+            policy = self.probe_p(self.params_p, batch, np.float32(scale))
+            for kind, ref_values, policy_values in zip(kinds, reference, policy, strict=True):
+                value_scale = np.float32(1.0 if kind == "activation" else scale)
+                for name, ref in ref_values.items():
+                    ref_stats, policy_stats, (m, error, norm) = jax.device_get(
+                        _entry_stats(ref, policy_values[name], value_scale)
+                    )
+                    sums = float(m) ** 2 * np.array(
+                        [error, norm], np.float64
+                    )  # float64: m**2 cannot underflow
+                    key = f"{kind}:{name}"
+                    if key in merged:
+                        old_ref, old_policy, old_sums = merged[key]
+                        ref_stats, policy_stats, sums = (
+                            old_ref.merge(ref_stats),
+                            old_policy.merge(policy_stats),
+                            sums + old_sums,
+                        )
+                    merged[key] = (RangeStats(*ref_stats), RangeStats(*policy_stats), sums)
+            for ref, value in zip(reference[2].values(), policy[2].values(), strict=True):
+                counts[0] += np.asarray(_jit_log2_histogram(value, np.float32(1.0)))
+                counts[1] += np.asarray(_jit_log2_histogram(ref, np.float32(scale)))
+        grads = [stats for key, stats in merged.items() if key.startswith("param_grad:")]
+        histogram = Histogram(
+            scale=scale,
+            policy=counts[0],
+            reference=counts[1],
+            policy_zeros=sum(int(policy_stats.zero) for _, policy_stats, _ in grads),
+            reference_zeros=sum(int(ref_stats.zero) for ref_stats, _, _ in grads),
+        )
+        return merged, histogram
+
+
+def _recommend(runner: _Runner) -> float | None:
+    """The largest power of two ``2**k`` whose gradients do not overflow (``2**(k+1)``'s do)."""
+    peak = max(
+        float(_jit_range_stats(grad, np.float32(1.0)).max_abs) for grad in runner.policy_gradients(1.0)
+    )
+    k = math.floor(math.log2(FP16_MAX / peak)) if 0 < peak < math.inf else _MAX_LOG2_SCALE
+    k = min(max(k, _MIN_LOG2_SCALE), _MAX_LOG2_SCALE)
+    while k > _MIN_LOG2_SCALE and runner.overflows(2.0**k):
+        k -= 1
+    if runner.overflows(2.0**k):
+        return None
+    while k < _MAX_LOG2_SCALE and not runner.overflows(2.0 ** (k + 1)):
+        k += 1
+    return 2.0**k
+
+
+def _measured(result: tuple[RangeStats, RangeStats, np.ndarray]) -> Measured:
+    ref, policy_stats, (error_sq, reference_sq) = result
+    if not np.isfinite(error_sq):
+        relative = math.nan
+    elif reference_sq > 0:
+        relative = math.sqrt(error_sq / reference_sq)
+    else:
+        relative = 0.0 if error_sq == 0 else math.inf
+    return Measured(ref, policy_stats, relative, math.sqrt(reference_sq / max(int(ref.count), 1)))
+
+
+def diagnose(
+    model: nn.Module, params: Any, policy: Policy | str, batches: list[dict], *, loss_scale: str = "auto"
+) -> Diagnosis:
+    """Compares ``policy`` against float32 on ``batches`` (see the module docstring).
+
+    Args:
+      model: a jaxmp causal LM (GPT-2 or Llama); only its ``config`` is used.
+      params: its params, ideally float32 masters (they are cast to each policy's param dtypes).
+      policy: the policy to diagnose.
+      batches: dicts with ``input_ids`` and ``targets``, int32 ``[B, L]``, all of one shape.
+      loss_scale: ``auto``, ``none``, ``dynamic`` or ``static:N``, as ``--loss-scale`` in training.
+
+    Returns:
+      A :class:`Diagnosis`.
+    """
+    policy = get_policy(policy)
+    runner = _Runner(model, params, policy, batches)
+    recommended = _recommend(runner)
+    settled = settled_loss_scale(scaling.make_loss_scale(loss_scale, policy), recommended)
+    at_one, histogram_one = runner.measure(1.0)
+    at_scale, histogram_scale = runner.measure(settled) if settled != 1.0 else (at_one, histogram_one)
+    entries = []
+    for key in at_one:
+        kind, name = key.split(":", 1)
+        entries.append(Entry(name, kind, _measured(at_one[key]), _measured(at_scale[key])))
+    return Diagnosis(
+        policy=str(policy),
+        loss_scale_spec=loss_scale,
+        loss_scale=settled,
+        recommended_loss_scale=recommended,
+        entries=entries,
+        histograms=(histogram_one, histogram_scale),
+        uses_float16=runner.uses_float16,
+    )

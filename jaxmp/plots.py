@@ -1,0 +1,133 @@
+"""PNG figures for ``jaxmp.compare`` and ``jaxmp.diagnose`` (matplotlib's Agg canvas, no pyplot state).
+
+Every figure is written atomically: to a temporary name, then renamed over ``path``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from jaxmp.diagnostics import FP16_MAX, FP16_SMALLEST_NORMAL, FP16_SMALLEST_SUBNORMAL, LOG2_BINS, Histogram
+
+__all__ = ["plot_losses", "plot_loss_scales", "plot_grad_histograms"]
+
+Records = Sequence[Mapping[str, Any]]  # metrics.jsonl records of one run, in step order
+
+# bfloat16 shares float32's exponent range: normals from 2**-126, subnormals down to 2**-133, max < 2**128.
+_BF16_LOG2_RANGE = (-133.0, 128.0)
+_FP16_LOG2_RANGE = (float(np.log2(FP16_SMALLEST_SUBNORMAL)), float(np.log2(FP16_MAX)))
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    FigureCanvasAgg(figure)
+    try:
+        figure.savefig(temporary, format="png", dpi=110)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _series(records: Records, key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def plot_losses(runs: Mapping[str, Records], path: str | os.PathLike) -> None:
+    """Train loss (left) and validation loss (right) against step, one line per run, shared axes."""
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    train_axes, val_axes = figure.subplots(1, 2, sharex=True, sharey=True)
+    for name, records in runs.items():
+        line = train_axes.plot(*_series(records, "loss"), label=name)[0]
+        val_axes.plot(*_series(records, "val_loss"), marker="o", color=line.get_color(), label=name)
+    for axes, title in (
+        (train_axes, "train loss (mean over each logging window)"),
+        (val_axes, "validation loss"),
+    ):
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    train_axes.set_ylabel("loss (nats/token)")
+    val_axes.legend()
+    _save(figure, path)
+
+
+def plot_loss_scales(runs: Mapping[str, Records], path: str | os.PathLike) -> None:
+    """Loss scale (log2, left) and cumulative skipped steps (right) against step, for scaled runs."""
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    scale_axes, skip_axes = figure.subplots(1, 2, sharex=True)
+    for name, records in runs.items():
+        steps, scales = _series(records, "loss_scale")
+        line = scale_axes.step(steps, np.log2(scales), where="post", label=name)[0]
+        skip_axes.step(*_series(records, "skipped_steps"), where="post", color=line.get_color(), label=name)
+    if not runs:
+        scale_axes.text(0.5, 0.5, "no policy uses loss scaling", ha="center", transform=scale_axes.transAxes)
+    scale_axes.set_title("loss scale")
+    scale_axes.set_ylabel("log2 loss scale")
+    skip_axes.set_title("skipped (non-finite) micro-steps, cumulative")
+    for axes in (scale_axes, skip_axes):
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    if runs:
+        skip_axes.legend()
+    _save(figure, path)
+
+
+def plot_grad_histograms(histograms: Sequence[Histogram], title: str, path: str | os.PathLike) -> None:
+    """One panel per loss scale: ``log2 |gradient|`` of the policy (bars) and of fp32 (outline).
+
+    fp16's subnormal and normal ranges and bf16's range are shaded; values left of fp16's range
+    are zero in fp16, values right of it are inf.
+    """
+    figure = Figure(figsize=(11, 3.6 * len(histograms)), layout="constrained")
+    axes_list = np.atleast_1d(figure.subplots(len(histograms), 1, sharex=True))
+    occupied = [b for h in histograms for b, c in zip(LOG2_BINS, h.policy + h.reference, strict=True) if c]
+    low = min([*occupied, -34]) - 4
+    high = max([*occupied, 18]) + 4
+    for axes, histogram in zip(axes_list, histograms, strict=True):
+        axes.axvspan(
+            *_BF16_LOG2_RANGE, color="tab:green", alpha=0.08, label="bf16 range (to 2^-133 .. 2^128)"
+        )
+        axes.axvspan(
+            _FP16_LOG2_RANGE[0],
+            np.log2(FP16_SMALLEST_NORMAL),
+            color="tab:orange",
+            alpha=0.18,
+            label="fp16 subnormals",
+        )
+        axes.axvspan(
+            np.log2(FP16_SMALLEST_NORMAL),
+            _FP16_LOG2_RANGE[1],
+            color="tab:blue",
+            alpha=0.12,
+            label="fp16 normals",
+        )
+        axes.bar(
+            LOG2_BINS + 0.5,
+            histogram.policy,
+            width=1.0,
+            color="tab:blue",
+            alpha=0.7,
+            label=f"policy ({histogram.policy_zeros:,} exact zeros)",
+        )
+        axes.stairs(
+            histogram.reference,
+            np.append(LOG2_BINS, LOG2_BINS[-1] + 1),
+            color="black",
+            label=f"fp32 x scale ({histogram.reference_zeros:,} exact zeros)",
+        )
+        axes.set_title(f"{title}: parameter gradients at loss scale {histogram.scale:g}")
+        axes.set_ylabel("values (log scale)")
+        axes.set_yscale("log")
+        axes.set_xlim(low, high)
+        axes.legend(loc="upper left", fontsize="small")
+    axes_list[-1].set_xlabel("log2 |gradient x loss scale|")
+    _save(figure, path)
