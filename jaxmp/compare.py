@@ -1,0 +1,306 @@
+"""``python -m jaxmp.compare``: the same training under several precision policies, side by side.
+
+    python -m jaxmp.compare --policies fp32 bf16 fp16 fp16-noscale pure-bf16 --steps 100 --out runs/compare
+
+Each policy trains with ``jaxmp.run.run`` (the code path of ``python -m jaxmp.train``) from the
+same seed, so every run starts from the same parameters and sees the same batches; every other
+flag is ``jaxmp.train``'s and applies to all of them. ``--out`` is the report directory: run
+``NAME`` trains into ``--out/NAME`` and the report is ``report.md``, ``report.json``,
+``loss.png`` and ``loss_scale.png``.
+
+``--policies`` takes space-separated entries (quote those with ``;`` for the shell):
+
+* a preset or policy string: ``bf16``, ``"params=float32,compute=float16"``,
+  ``"bf16;.*attn.*:compute=float32"``;
+* a comma-separated list of presets: ``fp32,bf16,fp16`` (an entry without ``=``);
+* ``POLICY@LOSS_SCALE`` trains POLICY with ``--loss-scale LOSS_SCALE``: ``fp16@static:1024``;
+* ``NAME-noscale`` is ``NAME@none``: ``fp16-noscale`` is fp16 without loss scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from jaxmp.config import TrainConfig, UsageError, build_parser, config_from_args
+
+__all__ = ["Variant", "parse_policies", "compare", "markdown_table", "main"]
+
+DEFAULT_POLICIES = ("fp32", "bf16", "fp16", "fp16-noscale", "pure-bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One policy of a comparison.
+
+    Attributes:
+      name: the entry as listed (``fp16-noscale``); the run's subdirectory is its :attr:`slug`.
+      policy: the policy string trained.
+      loss_scale: the ``--loss-scale`` it trains with.
+    """
+
+    name: str
+    policy: str
+    loss_scale: str
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_") or "policy"
+
+
+def parse_policies(entries: list[str], loss_scale: str) -> list[Variant]:
+    """Parses ``--policies`` entries (see the module docstring); ``loss_scale`` is the default.
+
+    Raises:
+      UsageError: an empty list, an unknown policy or loss scale, or a policy listed twice.
+    """
+    from jaxmp.precision import get_policy
+    from jaxmp.scaling import make_loss_scale
+
+    names = [
+        part.strip() for entry in entries for part in (entry.split(",") if "=" not in entry else [entry])
+    ]
+    if not names or not all(names):
+        raise UsageError("--policies has an empty entry; list policies such as fp32 bf16 fp16 fp16-noscale")
+    variants = []
+    for name in names:
+        spec, at, scale = name.rpartition("@") if "@" in name else (name, "", loss_scale)
+        if not at and spec.endswith("-noscale"):
+            spec, scale = spec.removesuffix("-noscale"), "none"
+        try:
+            make_loss_scale(scale, get_policy(spec))
+        except ValueError as error:
+            raise UsageError(f"--policies entry {name!r}: {error}") from None
+        variants.append(Variant(name, spec, scale))
+    if len({v.name for v in variants}) < len(variants):
+        raise UsageError(f"--policies lists a policy twice: {' '.join(names)}")
+    slugs = [v.slug for v in variants]
+    if len(set(slugs)) < len(slugs):
+        raise UsageError(f"--policies entries share a directory name ({' '.join(slugs)}); rename one")
+    return variants
+
+
+def _memory(result) -> dict[str, int] | None:
+    """XLA's compiled argument/output/temp/alias bytes of the step that trained (a cached compile)."""
+    compiled = result.train_step.lower(result.state, result.task.batch(0)).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return {
+        f"{kind}_bytes": int(getattr(stats, f"{kind}_size_in_bytes"))
+        for kind in ("argument", "output", "temp", "alias")
+    }
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _row(variant: Variant, config: TrainConfig, summary: dict, records: list, memory: dict | None) -> dict:
+    from jaxmp.precision import get_policy
+
+    zero_fractions = [r["grad_zero_fraction"] for r in records if "grad_zero_fraction" in r]
+    step_time = summary.get("step_time_s")
+    return {
+        "name": variant.name,
+        "policy": str(get_policy(variant.policy)),
+        "loss_scale": variant.loss_scale,
+        "run_dir": variant.slug,
+        "final_val_loss": summary.get("final_val_loss"),
+        "step_time_s": step_time,
+        "tokens_per_s": config.batch_size * config.seq_len / step_time if step_time else None,
+        "state_bytes_per_param": summary.get("state_bytes_per_param"),
+        "compiled_memory": memory,
+        "skipped_steps": summary.get("skipped_steps"),
+        "final_loss_scale": summary.get("final_loss_scale"),
+        "grad_zero_fraction": statistics.fmean(zero_fractions) if zero_fractions else None,
+        "grad_zero_fraction_last": zero_fractions[-1] if zero_fractions else None,
+    }
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """``val_loss_ratio`` and ``step_time_ratio`` against the first plain-fp32 row (None without one)."""
+    from jaxmp.precision import get_policy
+
+    fp32 = str(get_policy("fp32"))
+    reference = next((r for r in rows if r["policy"] == fp32 and r["final_val_loss"] is not None), None)
+    for row in rows:
+        for key, ratio in (("final_val_loss", "val_loss_ratio"), ("step_time_s", "step_time_ratio")):
+            ok = reference is not None and row[key] is not None and reference[key]
+            row[ratio] = row[key] / reference[key] if ok else None
+
+
+def _format(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The report's table, one row per policy."""
+    mib = 2.0**20
+    lines = [
+        "| policy | loss scale | val loss | ×fp32 | step ms | ×fp32 | tokens/s | state B/param "
+        "| XLA arg / out / temp MiB | skipped | final scale | grad zeros |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        memory = r["compiled_memory"]
+        memory_text = (
+            "—"
+            if memory is None
+            else " / ".join(f"{memory[f'{k}_bytes'] / mib:.1f}" for k in ("argument", "output", "temp"))
+        )
+        step_ms = None if r["step_time_s"] is None else 1000 * r["step_time_s"]
+        zeros = None if r["grad_zero_fraction"] is None else 100 * r["grad_zero_fraction"]
+        lines.append(
+            f"| {r['name']} | {r['loss_scale']} | {_format(r['final_val_loss'], '.4f')} "
+            f"| {_format(r['val_loss_ratio'], '.4f')} | {_format(step_ms, '.1f')} "
+            f"| {_format(r['step_time_ratio'], '.2f')} | {_format(r['tokens_per_s'], ',.0f')} "
+            f"| {_format(r['state_bytes_per_param'], '.2f')} | {memory_text} | {_format(r['skipped_steps'], 'd')} "
+            f"| {_format(r['final_loss_scale'], 'g')} | {_format(zeros, '.4f')}% |"
+        )
+    return "\n".join(lines)
+
+
+def _check(config: TrainConfig, variants: list[Variant], out: Path) -> list[TrainConfig]:
+    """Every run's config, after checking everything that can be checked before training."""
+    from jaxmp import models
+    from jaxmp.run import check_config
+    from jaxmp.run_dir import RunDir
+
+    if config.resume or config.export_hf:
+        raise UsageError("compare starts fresh runs: --resume and --export-hf are not supported")
+    if config.policy != TrainConfig.policy:
+        raise UsageError("--policy trains one policy; compare takes --policies")
+    if not config.init:
+        try:
+            models.get_config(config.model)
+        except ValueError as error:
+            raise UsageError(f"--model: {error}") from None
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    if (out / "report.json").exists() and not config.overwrite:
+        raise UsageError(f"{out} already holds a report; choose another --out or pass --overwrite")
+    configs = []
+    for variant in variants:
+        run_config = dataclasses.replace(
+            config, policy=variant.policy, loss_scale=variant.loss_scale, out=str(out / variant.slug)
+        )
+        check_config(run_config)
+        RunDir(run_config.out, resume=False, overwrite=config.overwrite)
+        configs.append(run_config)
+    return configs
+
+
+def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dict]:
+    """Trains every variant into ``out/<slug>``, writes the report, returns its rows.
+
+    Raises:
+      UsageError, DataError: bad input, before anything is written.
+    """
+    from jaxmp import plots, scaling
+    from jaxmp.precision import get_policy
+    from jaxmp.run import TrainingStopped, run
+    from jaxmp.run_dir import write_atomically
+
+    configs = _check(config, variants, out)
+    rows, curves, scaled = [], {}, {}
+    for index, (variant, run_config) in enumerate(zip(variants, configs, strict=True), start=1):
+        print(
+            f"[{index}/{len(variants)}] {variant.name}: {variant.policy} (loss scale {variant.loss_scale})",
+            file=sys.stderr,
+        )
+        status, memory, summary = "ok", None, {}
+        try:
+            result = run(
+                run_config,
+                log=lambda message, name=variant.name: print(f"  {name}: {message}", file=sys.stderr),
+            )
+            summary, memory = result.summary, _memory(result)
+            status = "interrupted" if result.interrupted_by is not None else status
+        except TrainingStopped as error:
+            status = str(error)
+        records = _records(out / variant.slug)
+        rows.append(_row(variant, run_config, summary, records, memory) | {"status": status})
+        curves[variant.name] = records
+        if not isinstance(
+            scaling.make_loss_scale(variant.loss_scale, get_policy(variant.policy)), scaling.NoOpLossScale
+        ):
+            scaled[variant.name] = records
+        if status == "interrupted":
+            break
+    _add_ratios(rows)
+    plots.plot_losses(curves, out / "loss.png")
+    plots.plot_loss_scales(scaled, out / "loss_scale.png")
+    shared = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("policy", "loss_scale", "out")}
+    report = {"config": shared, "policies": rows}
+    write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "report.md", _markdown_report(rows, config))
+    return rows
+
+
+def _markdown_report(rows: list[dict], config: TrainConfig) -> str:
+    stopped = [f"- **{r['name']}**: {r['status']}" for r in rows if r["status"] != "ok"]
+    return "\n".join(
+        [
+            f"# Precision comparison: {config.model}, {config.steps} steps",
+            "",
+            f"Same seed ({config.seed}), batches of {config.batch_size} x {config.seq_len} tokens, "
+            f"learning rate {config.lr:g}. Each run's directory holds its config, metrics and summary.",
+            "",
+            markdown_table(rows),
+            "",
+            *(["Runs that did not finish:", *stopped, ""] if stopped else []),
+            "- *val loss*: final validation loss; *×fp32*: ratio to the fp32 run.",
+            "- *step ms*: median wall time per micro-step (compilation and evaluation fall outside the "
+            "median); *tokens/s*: batch tokens / step time.",
+            "- *state B/param*: bytes of params and optimizer state per parameter.",
+            "- *XLA arg / out / temp*: the compiled train step's argument, output and scratch memory.",
+            "- *skipped*: micro-steps dropped for non-finite gradients; *final scale*: loss scale at the end.",
+            "- *grad zeros*: mean, over logged steps, of the fraction of gradient values that were exactly "
+            "zero after unscaling.",
+            "",
+            "![train and validation loss](loss.png)",
+            "",
+            "![loss scale and skipped steps](loss_scale.png)",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (2 for bad input)."""
+    parser = build_parser("python -m jaxmp.compare", __doc__.splitlines()[0])
+    parser.epilog = (
+        "--out is the report directory (default runs/compare-<time>); policy NAME trains into --out/NAME."
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_POLICIES),
+        help="space-separated policies: presets, policy strings, POLICY@LOSS_SCALE, NAME-noscale",
+    )
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    from jaxmp.data import DataError
+
+    now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(config.out or f"runs/compare-{now}")
+    try:
+        rows = compare(config, parse_policies(args.policies, config.loss_scale), out)
+    except (UsageError, DataError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
