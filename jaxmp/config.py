@@ -54,6 +54,11 @@ class TrainConfig:
     max_consecutive_skips: int = 100  # stop after this many non-finite micro-steps in a row
     export_hf: str | None = None  # also write the final model as a Hugging Face directory
     sample_tokens: int = 300  # tokens of text generated at the end of an lm run (0: none)
+    # devices and hosts
+    mesh: str | None = None  # device mesh, e.g. data=4,fsdp=2 or fsdp=8 (none: every device on data)
+    coordinator: str | None = None  # multi-host: process 0's HOST:PORT (same in all processes), or auto
+    num_processes: int = 1  # multi-host: processes in the run (with --coordinator HOST:PORT)
+    process_id: int = 0  # multi-host: this process's index, 0 .. num-processes - 1
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -90,6 +95,7 @@ FLAG_GROUPS = {
         "export_hf",
         "sample_tokens",
     ),
+    "devices and hosts": ("mesh", "coordinator", "num_processes", "process_id"),
 }
 _CHOICES = {
     "task": ("lm", "classify"),
