@@ -22,12 +22,12 @@ import jax
 import numpy as np
 import tqdm
 
-from jaxmp import lowp, optim, precision, scaling
+from jaxmp import distributed, lowp, optim, precision, scaling, sharding
 from jaxmp.checkpoint import Checkpointer
 from jaxmp.config import TrainConfig, UsageError, default_run_dir
 from jaxmp.run_dir import RunDir
 from jaxmp.tasks import Task, build_task
-from jaxmp.train_step import TrainState, leaf_paths, make_train_step
+from jaxmp.train_step import TrainState, leaf_paths
 
 __all__ = ["run", "RunResult", "TrainingStopped", "check_config"]
 
@@ -113,7 +113,49 @@ class _Window:
         return record
 
 
-def _make_state(config: TrainConfig, policy: precision.Policy, task: Task) -> tuple[TrainState, Callable]:
+class _FollowerRunDir(RunDir):
+    """The run directory as processes other than 0 see it: checked and read, never written."""
+
+    def start(self, config: TrainConfig, identity: dict[str, Any]) -> None:
+        del config, identity
+
+    def trim_metrics(self, last_step: int) -> None:
+        del last_step
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        del record
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        del summary
+
+
+def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
+    """The mesh over every device of every process; the batch must split over its data x fsdp axes."""
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as error:
+        raise UsageError(f"--mesh: {error}") from None
+    try:
+        sharding.check_batch_size(config.batch_size, mesh)
+    except ValueError as error:
+        raise UsageError(f"--batch-size: {error}") from None
+    return mesh
+
+
+def _fed_by_processes(task: Task, mesh: jax.sharding.Mesh, batch_size: int) -> Task:
+    """``task`` whose batches are global arrays, each process feeding its own devices' rows."""
+    rows = sharding.process_rows(mesh, batch_size)
+    host_batch = task.batch
+
+    def batch(micro: int) -> Any:
+        return sharding.shard_batch(jax.tree.map(lambda x: x[rows], host_batch(micro)), mesh)
+
+    return dataclasses.replace(task, batch=batch)
+
+
+def _make_state(
+    config: TrainConfig, policy: precision.Policy, task: Task, mesh: jax.sharding.Mesh, log: Callable
+) -> tuple[TrainState, Callable]:
     optimizer = optim.make_optimizer(
         learning_rate=config.lr,
         accum_steps=config.accum_steps,
@@ -131,7 +173,16 @@ def _make_state(config: TrainConfig, policy: precision.Policy, task: Task) -> tu
         loss_scale=scaling.make_loss_scale(config.loss_scale, policy),
         rng=jax.random.key(config.seed),
     )
-    return state, make_train_step(task.loss_fn, optimizer, policy, cast_params=False)
+    plan = sharding.plan_state_sharding(state, mesh)
+    if plan.replicated:
+        log(
+            f"mesh {sharding.describe_mesh(mesh)}: {len(plan.replicated)} arrays stay whole on every device "
+            f"(no dimension divisible by fsdp): {', '.join(plan.replicated)}"
+        )
+    step = sharding.make_sharded_train_step(
+        task.loss_fn, optimizer, policy, mesh, plan.shardings, cast_params=False
+    )
+    return sharding.shard_state(state, plan.shardings), step
 
 
 def run(
@@ -139,15 +190,30 @@ def run(
 ) -> RunResult:
     """Trains as ``config`` says. Bad input raises ``UsageError``/``DataError`` before any file is written.
 
+    With ``coordinator`` set, every process of a multi-host run calls this with the same
+    config; process 0 alone writes the run directory's files and logs.
+
     Raises:
       TrainingStopped: after ``max_consecutive_skips`` non-finite micro-steps in a row.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
+    try:
+        distributed.initialize(config.coordinator, config.num_processes, config.process_id)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    primary = distributed.is_primary()
+    if not primary:
+        log, show_progress = (lambda message: None), False
     policy = check_config(config)
+    mesh = _make_mesh(config)
+    if config.out is None and jax.process_count() > 1:
+        raise UsageError("--out is required in a multi-host run: every process writes to the same directory")
     if config.out is None:
         now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         config = dataclasses.replace(config, out=str(default_run_dir(config, now)))
-    run_dir = RunDir(config.out, resume=config.resume, overwrite=config.overwrite)
+    run_dir = (RunDir if primary else _FollowerRunDir)(
+        config.out, resume=config.resume, overwrite=config.overwrite
+    )
     export = Path(config.export_hf) if config.export_hf else None
     if export and export.exists() and any(export.iterdir()) and not config.overwrite:
         raise UsageError(
@@ -162,7 +228,9 @@ def run(
         raise UsageError(
             f"--resume of {run_dir.path} with a different {changed}; resume with the run's own settings"
         )
-    state, train_step = _make_state(config, policy, task)
+    distributed.barrier("jaxmp.run: inputs checked")  # before process 0 writes what others check
+    task = _fed_by_processes(task, mesh, config.batch_size)
+    state, train_step = _make_state(config, policy, task, mesh, log)
     checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
     window_losses: list[float] = []
     if config.resume and checkpointer.latest_step() is not None:
