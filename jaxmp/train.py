@@ -15,12 +15,12 @@ from jaxmp.data import DataError
 __all__ = ["main"]
 
 
-def _print_sample(result, max_new_tokens: int) -> None:
+def _print_sample(result, params, max_new_tokens: int) -> None:
     from jaxmp.generate import sample_text
 
     text = sample_text(
         result.task.model,
-        result.state.params,
+        params,
         result.task.tokenizer,
         prompt="\n",
         max_new_tokens=max_new_tokens,
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (2 for bad input)."""
     parser = build_parser(description=__doc__.splitlines()[0])
     config = config_from_args(parser.parse_args(argv))
+    from jaxmp import distributed
     from jaxmp.run import TrainingStopped, run  # heavy imports after --help and flag errors
 
     try:
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 1
     summary = result.summary
+    params = distributed.to_host(result.state.params)  # multi-host: a whole copy in every process
+    if not distributed.is_primary():  # process 0 alone reports, exports and samples
+        return 0 if result.interrupted_by is None else 128 + result.interrupted_by
     print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=2))
     print(f"run directory: {result.run_dir.path}")
     if result.interrupted_by is not None:
@@ -52,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.export_hf:
         from jaxmp import hf
 
-        hf.save_pretrained(result.task.model, result.state.params, config.export_hf)
+        hf.save_pretrained(result.task.model, params, config.export_hf)
         print(f"exported a Hugging Face model to {config.export_hf}")
     if result.task.tokenizer is not None and config.sample_tokens > 0:
-        _print_sample(result, config.sample_tokens)
+        _print_sample(result, params, config.sample_tokens)
     return 0
 
 
