@@ -4,21 +4,22 @@ A mesh has two axes, ``data`` and ``fsdp``. The batch's leading dimension is spl
 both (each device sees ``batch_size / (data * fsdp)`` rows). Every floating-point state
 array of rank >= 1 (params, Adam moments, the MultiSteps accumulator) is split over
 ``fsdp`` along its largest dimension that ``fsdp`` divides, and replicated over ``data``;
-one that no dimension of which ``fsdp`` divides stays replicated and is reported. Counters,
-loss-scale state and PRNG keys are replicated.
+an array none of whose dimensions ``fsdp`` divides stays whole on every device and is
+reported. Counters, loss-scale state and PRNG keys are replicated.
 
 ``jax.jit`` with these shardings as ``in_shardings``/``out_shardings`` lets XLA insert the
 collectives: params are all-gathered (after the cast to the compute dtype) before the
-forward pass, gradients are reduce-scattered, and whole-tree reductions (the finiteness
-check behind loss scaling and step skipping, the global norm behind clipping) are
-all-reduced, so every device takes one decision::
+forward pass, gradients are summed over the batch's devices into each device's shard, and
+whole-tree reductions (the finiteness check behind loss scaling and step skipping, the
+global norm behind clipping) are all-reduced, so every device takes one decision::
 
     mesh = make_mesh("data=4,fsdp=2")
     plan = plan_state_sharding(state, mesh)
     state = shard_state(state, plan.shardings)
     step = make_sharded_train_step(loss_fn, tx, policy, mesh, plan.shardings)
-    rows = process_rows(mesh, batch_size)                 # this process's rows of the batch
-    state, metrics = step(state, shard_batch(batch_fn(i)[rows], mesh))
+    rows = process_rows(mesh, batch_size)  # the rows of each global batch this process feeds
+    local_batch = jax.tree.map(lambda x: x[rows], global_batch)
+    state, metrics = step(state, shard_batch(local_batch, mesh))
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ class ShardingPlan:
 
     Attributes:
       shardings: a ``NamedSharding`` per leaf, in the structure of the state.
-      replicated: ``"path [shape]"`` of floating-point arrays that no dimension of
-        which ``fsdp`` divides, so every device holds all of them.
+      replicated: ``"path [shape]"`` of the floating-point arrays none of whose
+        dimensions ``fsdp`` divides: every device holds the whole array.
     """
 
     shardings: Any
