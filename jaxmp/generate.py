@@ -62,6 +62,9 @@ class Generation:
       finite: whether every logit sampled from was finite.
       seconds: wall time of prefill and decoding (compilation excluded).
       compile_seconds: wall time spent tracing and compiling (0 when already compiled).
+      program_bytes: device memory of the compiled program: its arguments (params, prompts) plus
+        temporaries (KV cache, activations, and any weight copies the compiler keeps); None if
+        the backend does not say.
     """
 
     tokens: np.ndarray
@@ -69,6 +72,7 @@ class Generation:
     finite: bool
     seconds: float
     compile_seconds: float
+    program_bytes: int | None
 
 
 def init_cache(model: Any, batch: int, length: int) -> KVCache:
@@ -224,7 +228,11 @@ def generate(
     if eos_id is not None:
         is_eos_BxN = tokens_BxN == eos_id
         lengths_B = np.where(is_eos_BxN.any(axis=1), is_eos_BxN.argmax(axis=1) + 1, steps).astype(np.int32)
-    return Generation(tokens_BxN, lengths_B, bool(finite), finished - compiled_at, compiled_at - started)
+    memory = compiled.memory_analysis()
+    program_bytes = None if memory is None else memory.argument_size_in_bytes + memory.temp_size_in_bytes
+    return Generation(
+        tokens_BxN, lengths_B, bool(finite), finished - compiled_at, compiled_at - started, program_bytes
+    )
 
 
 def sample_text(
@@ -292,6 +300,7 @@ def _report(loaded: LoadedModel, prompts: list[str], result: Generation, cache_b
         f"--- {new_tokens} new tokens in {result.seconds:.3f} s ({new_tokens / result.seconds:.1f} tokens/s; "
         f"compile {result.compile_seconds:.1f} s) | policy {loaded.model.policy} | params "
         f"{tree_bytes(loaded.params) / 2**20:.2f} MiB + KV cache {cache_bytes / 2**20:.2f} MiB"
+        + ("" if result.program_bytes is None else f" (whole program {result.program_bytes / 2**20:.2f} MiB)")
     )
 
 
