@@ -5,7 +5,7 @@ float32 (the reference) and under the policy, and records for every module outpu
 (``activation``), the gradient of the loss with respect to it (``activation_grad``) and every
 parameter gradient (``param_grad``):
 
-* how the float32 values would fare in float16 (:class:`RangeStats`): max ``|x|`` and the
+* how the float32 values would fare in float16 (:class:`jaxmp.value_stats.RangeStats`): max ``|x|`` and the
   fractions that overflow (``|x| > 65504``), underflow to zero (``0 < |x| < 2**-24``) or land
   in the subnormals (``2**-24 <= |x| < 2**-14``); gradients are multiplied by the loss scale
   first, as training would;
@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,15 +36,18 @@ from jaxmp import hf, models, scaling
 from jaxmp.losses import lm_loss
 from jaxmp.precision import Policy, get_policy
 from jaxmp.train_step import leaf_paths
+from jaxmp.value_stats import (
+    FP16_MAX,
+    LOG2_BINS,
+    RangeStats,
+    concat,
+    log2_histogram,
+    range_stats,
+    segment_errors,
+    segment_range_stats,
+)
 
 __all__ = [
-    "FP16_MAX",
-    "FP16_SMALLEST_SUBNORMAL",
-    "FP16_SMALLEST_NORMAL",
-    "LOG2_BINS",
-    "RangeStats",
-    "range_stats",
-    "log2_histogram",
     "Measured",
     "Entry",
     "Histogram",
@@ -54,84 +56,11 @@ __all__ = [
     "settled_loss_scale",
 ]
 
-FP16_MAX = 65504.0  # largest finite float16
-FP16_SMALLEST_SUBNORMAL = 2.0**-24  # smaller magnitudes are "underflow" here
-FP16_SMALLEST_NORMAL = 2.0**-14  # below this float16 keeps fewer than 11 significant bits
-LOG2_BINS = np.arange(-160, 140)  # histogram bin b holds values with floor(log2 |x|) == b
 _MAX_LOG2_SCALE = 64  # the search for a loss scale stays within 2**-24 .. 2**64
 _MIN_LOG2_SCALE = -24
 # Entries whose fp32 RMS is below this fraction of their kind's RMS rank last among those at risk:
 # rounding noise, such as the gradient of an attention key bias (exactly zero in exact arithmetic).
 NEGLIGIBLE_RMS = 1e-4
-
-
-class RangeStats(NamedTuple):
-    """How the values of an array would fare in float16 (counts are exact integers).
-
-    Attributes:
-      count: number of values.
-      max_abs: largest ``|x|`` (NaNs ignored; ``inf`` if any value is infinite).
-      overflow: values with ``|x| > 65504`` (infinities included).
-      underflow: values with ``0 < |x| < 2**-24``: float16 has nothing nonzero to round them to.
-      subnormal: values with ``2**-24 <= |x| < 2**-14``: float16 keeps them with reduced precision.
-      zero: values exactly zero.
-      nan: NaN values.
-    """
-
-    count: Any
-    max_abs: Any
-    overflow: Any
-    underflow: Any
-    subnormal: Any
-    zero: Any
-    nan: Any
-
-    def merge(self, other: RangeStats) -> RangeStats:
-        """Statistics of both arrays together (on the host)."""
-        counts = {f: int(getattr(self, f)) + int(getattr(other, f)) for f in self._fields if f != "max_abs"}
-        return RangeStats(max_abs=max(float(self.max_abs), float(other.max_abs)), **counts)
-
-    def fractions(self) -> dict[str, float]:
-        """``max_abs`` and each count divided by ``count``: ``overflow``, ``underflow``, ... ."""
-        count = max(int(self.count), 1)
-        fields = ("overflow", "underflow", "subnormal", "zero", "nan")
-        return {"max_abs": float(self.max_abs), **{f: int(getattr(self, f)) / count for f in fields}}
-
-
-def range_stats(x: jax.Array, scale: float | jax.Array = 1.0) -> RangeStats:
-    """:class:`RangeStats` of ``x * scale``, computed in float32 (jittable).
-
-    Args:
-      x: any float array.
-      scale: multiplies ``x`` first (a loss scale applied to a gradient).
-    """
-    abs_x = jnp.abs(x.astype(jnp.float32).ravel()) * jnp.asarray(scale, jnp.float32)
-    nan = jnp.isnan(abs_x)
-
-    def count(mask):
-        return jnp.sum(mask, dtype=jnp.int32)
-
-    return RangeStats(
-        count=jnp.asarray(abs_x.size, jnp.int32),
-        max_abs=jnp.max(jnp.where(nan, 0.0, abs_x), initial=0.0),
-        overflow=count(abs_x > FP16_MAX),
-        underflow=count((abs_x > 0) & (abs_x < FP16_SMALLEST_SUBNORMAL)),
-        subnormal=count((abs_x >= FP16_SMALLEST_SUBNORMAL) & (abs_x < FP16_SMALLEST_NORMAL)),
-        zero=count(abs_x == 0),
-        nan=count(nan),
-    )
-
-
-def log2_histogram(leaves: Iterable[jax.Array], scale: float | jax.Array = 1.0) -> jax.Array:
-    """int32 counts over :data:`LOG2_BINS` of ``floor(log2 |x * scale|)`` for finite nonzero values."""
-    counts = jnp.zeros(LOG2_BINS.size, jnp.int32)
-    for leaf in leaves:
-        x = leaf.astype(jnp.float32).ravel() * jnp.asarray(scale, jnp.float32)
-        _, exponent = jnp.frexp(x)  # x = m * 2**exponent, 0.5 <= |m| < 1
-        index = jnp.clip(exponent - 1 - LOG2_BINS[0], 0, LOG2_BINS.size - 1)
-        keep = ((x != 0) & jnp.isfinite(x)).astype(jnp.int32)
-        counts = counts + jnp.bincount(index, weights=keep, length=LOG2_BINS.size).astype(jnp.int32)
-    return counts
 
 
 def _flat(tree: Any) -> dict[str, jax.Array]:
@@ -177,26 +106,29 @@ def _probe(model: nn.Module, params: Any, batch: dict, scale: jax.Array):
     return outputs, output_grads, _flat(param_grads)
 
 
-def _error_terms(policy_x: jax.Array, reference_x: jax.Array) -> jax.Array:
-    """float32[3] ``(m, sum((p - r)/m)^2, sum(r/m)^2)`` with ``m = max |r|``: no fp32 under/overflow."""
-    reference_x = reference_x.astype(jnp.float32)
-    m = jnp.maximum(jnp.max(jnp.abs(reference_x)), jnp.finfo(jnp.float32).tiny)
-    diff = (policy_x.astype(jnp.float32) - reference_x) / m
-    return jnp.stack([m, jnp.sum(diff * diff), jnp.sum(jnp.square(reference_x / m))])
+_KINDS = ("activation", "activation_grad", "param_grad")
 
 
 @jax.jit
-def _entry_stats(reference: jax.Array, value: jax.Array, scale: jax.Array):
-    """Reference stats of ``reference * scale``, the policy's stats of ``value``, error of ``value / scale``."""
-    return (
-        range_stats(reference, scale),
-        range_stats(value),
-        _error_terms(value.astype(jnp.float32) / scale, reference),
-    )
+def _compare(reference: tuple, policy: tuple, scale: jax.Array):
+    """Per kind ``(reference stats, policy stats, error terms)`` over sorted names, and histograms."""
+    compared = {}
+    for kind, reference_values, policy_values in zip(_KINDS, reference, policy, strict=True):
+        names = sorted(reference_values)
+        refs, values = [reference_values[n] for n in names], [policy_values[n] for n in names]
+        value_scale = jnp.float32(1.0) if kind == "activation" else scale
+        compared[kind] = (
+            segment_range_stats(refs, value_scale),
+            segment_range_stats(values),
+            segment_errors(values, refs, value_scale),
+        )
+    param_grads = [policy[2][n] for n in sorted(policy[2])], [reference[2][n] for n in sorted(reference[2])]
+    return compared, (log2_histogram(param_grads[0]), log2_histogram(param_grads[1], scale))
 
 
-_jit_range_stats = jax.jit(range_stats)
-_jit_log2_histogram = jax.jit(lambda x, scale: log2_histogram([x], scale))
+@jax.jit
+def _gradient_stats(output_grads: dict, param_grads: dict) -> RangeStats:
+    return range_stats(concat([*output_grads.values(), *param_grads.values()]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,50 +303,42 @@ class _Runner:
         self.batches = batches
         self.uses_float16 = np.dtype(np.float16) in set(policy.compute_dtypes) | {policy.param_dtype}
 
-    def policy_gradients(self, scale: float):
-        """Yields every activation and parameter gradient of the policy at ``scale``, batch by batch."""
+    def gradient_stats(self, scale: float) -> RangeStats:
+        """:class:`RangeStats` of all the policy's (scaled) gradients at ``scale``, over every batch."""
+        merged = None
         for batch in self.batches:
             _, output_grads, param_grads = self.probe_p(self.params_p, batch, np.float32(scale))
-            yield from output_grads.values()
-            yield from param_grads.values()
+            stats = RangeStats(*jax.device_get(_gradient_stats(output_grads, param_grads)))
+            merged = stats if merged is None else merged.merge(stats)
+        return merged
 
     def overflows(self, scale: float) -> bool:
         """Whether a policy gradient is non-finite at ``scale`` (or, without float16, exceeds 65504)."""
-        for grad in self.policy_gradients(scale):
-            stats = jax.device_get(_jit_range_stats(grad, np.float32(1.0)))
-            if stats.nan or (stats.max_abs == math.inf if self.uses_float16 else stats.overflow):
-                return True
-        return False
+        stats = self.gradient_stats(scale)
+        return bool(stats.nan) or bool(stats.max_abs == math.inf if self.uses_float16 else stats.overflow)
 
     def measure(self, scale: float) -> tuple[dict[str, tuple], Histogram]:
         """``{"kind:name": (reference stats, policy stats, float64 [sum (p-r)^2, sum r^2])}`` and histograms."""
         merged: dict[str, tuple] = {}
         counts = np.zeros((2, LOG2_BINS.size), np.int64)
-        kinds = ("activation", "activation_grad", "param_grad")
         for batch in self.batches:
             reference = self.probe32(self.params32, batch, np.float32(1.0))
             policy = self.probe_p(self.params_p, batch, np.float32(scale))
-            for kind, ref_values, policy_values in zip(kinds, reference, policy, strict=True):
-                value_scale = np.float32(1.0 if kind == "activation" else scale)
-                for name, ref in ref_values.items():
-                    ref_stats, policy_stats, (m, error, norm) = jax.device_get(
-                        _entry_stats(ref, policy_values[name], value_scale)
+            compared, histograms = jax.device_get(_compare(reference, policy, np.float32(scale)))
+            counts += np.asarray(histograms, np.int64)
+            for kind, values in zip(_KINDS, reference, strict=True):
+                ref_stats, policy_stats, errors = compared[kind]
+                for i, name in enumerate(sorted(values)):
+                    m, error, norm = np.asarray(errors[i], np.float64)  # float64: m**2 cannot underflow
+                    entry = (
+                        RangeStats(*(f[i] for f in ref_stats)),
+                        RangeStats(*(f[i] for f in policy_stats)),
                     )
-                    sums = float(m) ** 2 * np.array(
-                        [error, norm], np.float64
-                    )  # float64: m**2 cannot underflow
-                    key = f"{kind}:{name}"
-                    if key in merged:
-                        old_ref, old_policy, old_sums = merged[key]
-                        ref_stats, policy_stats, sums = (
-                            old_ref.merge(ref_stats),
-                            old_policy.merge(policy_stats),
-                            sums + old_sums,
-                        )
-                    merged[key] = (RangeStats(*ref_stats), RangeStats(*policy_stats), sums)
-            for ref, value in zip(reference[2].values(), policy[2].values(), strict=True):
-                counts[0] += np.asarray(_jit_log2_histogram(value, np.float32(1.0)))
-                counts[1] += np.asarray(_jit_log2_histogram(ref, np.float32(scale)))
+                    sums = m**2 * np.array([error, norm])
+                    if f"{kind}:{name}" in merged:
+                        old_ref, old_policy, old_sums = merged[f"{kind}:{name}"]
+                        entry, sums = (old_ref.merge(entry[0]), old_policy.merge(entry[1])), sums + old_sums
+                    merged[f"{kind}:{name}"] = (*entry, sums)
         grads = [stats for key, stats in merged.items() if key.startswith("param_grad:")]
         histogram = Histogram(
             scale=scale,
@@ -428,9 +352,7 @@ class _Runner:
 
 def _recommend(runner: _Runner) -> float | None:
     """The largest power of two ``2**k`` whose gradients do not overflow (``2**(k+1)``'s do)."""
-    peak = max(
-        float(_jit_range_stats(grad, np.float32(1.0)).max_abs) for grad in runner.policy_gradients(1.0)
-    )
+    peak = float(runner.gradient_stats(1.0).max_abs)
     k = math.floor(math.log2(FP16_MAX / peak)) if 0 < peak < math.inf else _MAX_LOG2_SCALE
     k = min(max(k, _MIN_LOG2_SCALE), _MAX_LOG2_SCALE)
     while k > _MIN_LOG2_SCALE and runner.overflows(2.0**k):

@@ -14,7 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxmp.diagnostics import FP16_MAX, FP16_SMALLEST_NORMAL, FP16_SMALLEST_SUBNORMAL, LOG2_BINS, Histogram
+from jaxmp.diagnostics import Histogram
+from jaxmp.value_stats import FP16_MAX, FP16_SMALLEST_NORMAL, FP16_SMALLEST_SUBNORMAL, LOG2_BINS
 
 __all__ = ["plot_losses", "plot_loss_scales", "plot_grad_histograms"]
 
