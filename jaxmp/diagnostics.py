@@ -54,6 +54,7 @@ __all__ = [
     "Diagnosis",
     "diagnose",
     "settled_loss_scale",
+    "NEGLIGIBLE_RMS",
 ]
 
 _MAX_LOG2_SCALE = 64  # the search for a loss scale stays within 2**-24 .. 2**64
@@ -122,8 +123,8 @@ def _compare(reference: tuple, policy: tuple, scale: jax.Array):
             segment_range_stats(values),
             segment_errors(values, refs, value_scale),
         )
-    param_grads = [policy[2][n] for n in sorted(policy[2])], [reference[2][n] for n in sorted(reference[2])]
-    return compared, (log2_histogram(param_grads[0]), log2_histogram(param_grads[1], scale))
+    histograms = (log2_histogram(policy[2].values()), log2_histogram(reference[2].values(), scale))
+    return compared, histograms
 
 
 @jax.jit
@@ -293,10 +294,11 @@ class _Runner:
     """Runs the fp32 and the policy model's forward and backward passes over the batches."""
 
     def __init__(self, model: nn.Module, params: Any, policy: Policy, batches: list[dict]):
-        model32, model_p = (
-            models.create_model(model.config, "fp32"),
-            models.create_model(model.config, policy),
-        )
+        # Intercepted outputs cannot leave nn.scan or nn.remat: run the same params layer by layer.
+        config = dataclasses.replace(model.config, remat=False, scan_layers=False)
+        if model.config.scan_layers:
+            params = models.unstack_layer_params(params, config.n_layers)
+        model32, model_p = models.create_model(config, "fp32"), models.create_model(config, policy)
         self.probe32 = jax.jit(lambda params, batch, scale: _probe(model32, params, batch, scale))
         self.probe_p = jax.jit(lambda params, batch, scale: _probe(model_p, params, batch, scale))
         self.params32, self.params_p = hf.cast_params(params, "fp32"), hf.cast_params(params, policy)
@@ -381,7 +383,9 @@ def diagnose(
     """Compares ``policy`` against float32 on ``batches`` (see the module docstring).
 
     Args:
-      model: a jaxmp causal LM (GPT-2 or Llama); only its ``config`` is used.
+      model: a jaxmp causal LM (GPT-2 or Llama); only its ``config`` is used. Models with
+        ``scan_layers`` or ``remat`` run unscanned and without remat (same numerics; policy
+        overrides naming ``blocks/...`` then do not match ``blocks_{i}/...``).
       params: its params, ideally float32 masters (they are cast to each policy's param dtypes).
       policy: the policy to diagnose.
       batches: dicts with ``input_ids`` and ``targets``, int32 ``[B, L]``, all of one shape.
