@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxmp.config import TrainConfig, UsageError, build_parser, config_from_args
+from jaxmp.precision import get_policy
+from jaxmp.scaling import NoOpLossScale, make_loss_scale
 
 __all__ = ["Variant", "parse_policies", "compare", "markdown_table", "main"]
 
@@ -60,9 +62,6 @@ def parse_policies(entries: list[str], loss_scale: str) -> list[Variant]:
     Raises:
       UsageError: an empty list, an unknown policy or loss scale, or a policy listed twice.
     """
-    from jaxmp.precision import get_policy
-    from jaxmp.scaling import make_loss_scale
-
     names = [
         part.strip() for entry in entries for part in (entry.split(",") if "=" not in entry else [entry])
     ]
@@ -104,8 +103,6 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _row(variant: Variant, config: TrainConfig, summary: dict, records: list, memory: dict | None) -> dict:
-    from jaxmp.precision import get_policy
-
     zero_fractions = [r["grad_zero_fraction"] for r in records if "grad_zero_fraction" in r]
     step_time = summary.get("step_time_s")
     return {
@@ -127,8 +124,6 @@ def _row(variant: Variant, config: TrainConfig, summary: dict, records: list, me
 
 def _add_ratios(rows: list[dict]) -> None:
     """``val_loss_ratio`` and ``step_time_ratio`` against the first plain-fp32 row (None without one)."""
-    from jaxmp.precision import get_policy
-
     fp32 = str(get_policy("fp32"))
     reference = next((r for r in rows if r["policy"] == fp32 and r["final_val_loss"] is not None), None)
     for row in rows:
@@ -204,8 +199,7 @@ def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dic
     Raises:
       UsageError, DataError: bad input, before anything is written.
     """
-    from jaxmp import plots, scaling
-    from jaxmp.precision import get_policy
+    from jaxmp import plots
     from jaxmp.run import TrainingStopped, run
     from jaxmp.run_dir import write_atomically
 
@@ -229,9 +223,7 @@ def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dic
         records = _records(out / variant.slug)
         rows.append(_row(variant, run_config, summary, records, memory) | {"status": status})
         curves[variant.name] = records
-        if not isinstance(
-            scaling.make_loss_scale(variant.loss_scale, get_policy(variant.policy)), scaling.NoOpLossScale
-        ):
+        if not isinstance(make_loss_scale(variant.loss_scale, get_policy(variant.policy)), NoOpLossScale):
             scaled[variant.name] = records
         if status == "interrupted":
             break
