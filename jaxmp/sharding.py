@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -190,7 +191,7 @@ def plan_state_sharding(state: TrainState, mesh: Mesh) -> ShardingPlan:
     replicated = []
 
     def leaf_sharding(path: str, leaf: Any) -> NamedSharding:
-        if not (jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and leaf.ndim >= 1):
+        if not (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1):
             return NamedSharding(mesh, PartitionSpec())
         spec = fsdp_partition(leaf.shape, fsdp)
         if fsdp > 1 and spec == PartitionSpec():
