@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import jaxmp
 from jaxmp import hf, models
@@ -180,20 +181,17 @@ def test_sample_text_continues_past_its_window():
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    """A tiny GPT-2 (byte vocabulary) as a Hugging Face directory, and a copy with a weight beyond fp16."""
+    """A tiny GPT-2 (byte vocabulary) as Hugging Face directories: as is, with a weight beyond fp16's
+    range, and with a final-norm scale (fp32) whose fp16 output overflows."""
     model, params = tiny_model_and_params("gpt2")
-    good, huge = tmp_path_factory.mktemp("gpt2"), tmp_path_factory.mktemp("gpt2_huge")
-    hf.save_pretrained(model, params, good)
-    mlp = params["blocks_1"]["mlp"]["fc_in"]
-    huge_params = {
-        **params,
-        "blocks_1": {
-            **params["blocks_1"],
-            "mlp": {**params["blocks_1"]["mlp"], "fc_in": {**mlp, "kernel": mlp["kernel"].at[0, 0].set(1e5)}},
-        },
-    }
-    hf.save_pretrained(model, huge_params, huge)
-    return good, huge
+    dirs = [tmp_path_factory.mktemp(name) for name in ("gpt2", "gpt2_huge", "gpt2_hot")]
+    flat = traverse_util.flatten_dict(params, sep="/")
+    kernel, scale = "blocks_1/mlp/fc_in/kernel", "final_norm/scale"
+    huge = traverse_util.unflatten_dict({**flat, kernel: flat[kernel].at[0, 0].set(1e5)}, sep="/")
+    hot = traverse_util.unflatten_dict({**flat, scale: flat[scale] * 1e6}, sep="/")
+    for directory, tree in zip(dirs, (params, huge, hot), strict=True):
+        hf.save_pretrained(model, tree, directory)
+    return dirs
 
 
 def test_cli_prints_text_speed_and_bytes(hf_dirs, capsys):
@@ -245,6 +243,13 @@ def test_cli_bad_input_is_one_line_and_status_2(hf_dirs, capsys, argv, problem):
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and problem in captured.err and "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def test_cli_reports_non_finite_logits(hf_dirs, capsys):
+    argv = ["--model", str(hf_dirs[2]), "--tokenizer", "byte", "--prompt", "Hello, ", "--prompt", "Hi"]
+    assert main([*argv, "--max-new-tokens", "10", "--policy", "fp16"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "non-finite logits under policy params=float32,compute=float16" in err
 
 
 def test_cli_generates_from_a_run_directory(tmp_path, capsys):
