@@ -15,7 +15,8 @@ from jaxmp.data import DataError
 __all__ = ["main"]
 
 
-def _print_sample(result, params, max_new_tokens: int) -> None:
+def _print_sample(result, params, config) -> None:
+    """Prints ``config.sample_tokens`` generated from a newline, each seeing the last ``seq_len`` tokens."""
     from jaxmp.generate import sample_text
 
     text = sample_text(
@@ -23,7 +24,8 @@ def _print_sample(result, params, max_new_tokens: int) -> None:
         params,
         result.task.tokenizer,
         prompt="\n",
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=config.sample_tokens,
+        window=config.seq_len,  # the context the model was trained on
     )
     print("--- sample ---")
     print(text.strip("\n"))
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         hf.save_pretrained(result.task.model, params, config.export_hf)
         print(f"exported a Hugging Face model to {config.export_hf}")
     if result.task.tokenizer is not None and config.sample_tokens > 0:
-        _print_sample(result, params, config.sample_tokens)
+        _print_sample(result, params, config)
     return 0
 
 
