@@ -35,6 +35,7 @@ _PACK_FORMAT = 1  # bump when the packed layout changes, so stale caches are nev
 _EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")  # looked up when no config names one
 _ENCODE_CHUNK_CHARS = 1 << 16  # long texts are encoded in chunks of about this size, split before a line
 _CHUNK_BREAK = re.compile(r"\n(?=\S)")  # a newline followed by a non-space: no token spans it
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 _LM_STREAM = 0x4C4D  # "LM": mixed into the batch RNG key so other data streams never share its draws
 
 
@@ -168,6 +169,9 @@ def _tokenizer_from_dir(path: Path) -> HFTokenizer:
         if isinstance(eos_token, dict):  # an AddedToken serialized as {"content": ...}
             eos_token = eos_token.get("content")
         return HFTokenizer.wrap(_tokenizer_from_file(path / "tokenizer.json"), eos_token)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers 5 quietly builds an empty tokenizer from a directory without these
+        raise DataError(f"directory {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     from transformers import AutoTokenizer  # slow to import: only directories without tokenizer.json need it
 
     try:

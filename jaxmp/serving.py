@@ -29,7 +29,6 @@ from jaxmp.precision import Policy, get_policy
 __all__ = ["UsageParser", "LoadedModel", "load_model", "with_policy", "check_float16_range", "tree_bytes"]
 
 _FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -151,10 +150,6 @@ def load_model(
         tokenizer_ = _tokenizer(tokenizer) if tokenizer else run_tokenizer
     elif (directory / "config.json").is_file():
         model, params = _load_hf(directory)
-        if tokenizer is None and not any((directory / name).is_file() for name in _TOKENIZER_FILES):
-            raise UsageError(
-                f"--model {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass --tokenizer"
-            )
         tokenizer_ = _tokenizer(tokenizer or str(directory))
     else:
         raise UsageError(

@@ -395,3 +395,9 @@ def test_train_batches_shuffle_each_epoch_deterministically():
         np.array_equal(examples.batch(1, step, 2)["labels"], stream[2 * step : 2 * step + 2])
         for step in range(10)
     )
+
+
+def test_tokenizer_directory_without_tokenizer_files_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model directory, but no tokenizer in it
+    with pytest.raises(DataError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path))
