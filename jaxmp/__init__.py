@@ -1,6 +1,6 @@
 """jaxmp: mixed-precision training and inference of language models in JAX/Flax."""
 
-from jaxmp import hf, lowp, models
+from jaxmp import generate, hf, lowp, models, sharding
 from jaxmp.optim import make_optimizer, make_schedule
 from jaxmp.precision import Policy, auto_policy, get_policy
 from jaxmp.scaling import (
@@ -16,9 +16,11 @@ from jaxmp.train_step import TrainState, make_eval_step, make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "generate",
     "hf",
     "lowp",
     "models",
+    "sharding",
     "Policy",
     "get_policy",
     "auto_policy",
