@@ -1,0 +1,113 @@
+"""fastdot.matmul: plain-dot values, correct gradients, and compute-dtype backward dots."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmp import fastdot
+
+F32, BF16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16)
+
+
+def _plain(x, w, w_contract_axis):
+    dims = (((x.ndim - 1,), (w_contract_axis,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+def _inputs(dtype, w_contract_axis):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 5, 8), jnp.float32).astype(dtype)
+    w_shape = (8, 6) if w_contract_axis == 0 else (6, 8)
+    return x, jax.random.normal(kw, w_shape, jnp.float32).astype(dtype)
+
+
+def _loss(matmul, w_contract_axis):
+    # A nonlinear scalar, so the cotangent differs per element.
+    return lambda x, w: jnp.sum(jnp.sin(matmul(x, w, w_contract_axis)))
+
+
+def _dots(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _dots(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _dots(sub)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("w_contract_axis", [0, 1])
+def test_fp32_matches_plain_dot_and_autodiff(jit, w_contract_axis):
+    x, w = _inputs(jnp.float32, w_contract_axis)
+    matmul = jax.jit(fastdot.matmul, static_argnums=2) if jit else fastdot.matmul
+    y = matmul(x, w, w_contract_axis)
+    np.testing.assert_array_equal(y, _plain(x, w, w_contract_axis))
+    assert y.dtype == F32 and y.shape == (2, 5, 6)
+    grad_fn = jax.grad(_loss(fastdot.matmul, w_contract_axis), argnums=(0, 1))
+    grads = (jax.jit(grad_fn) if jit else grad_fn)(x, w)
+    expected = jax.grad(_loss(_plain, w_contract_axis), argnums=(0, 1))(x, w)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == F32
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+@pytest.mark.parametrize("w_contract_axis", [0, 1])
+def test_bf16_gradients_within_bf16_tolerance(native, w_contract_axis, monkeypatch):
+    monkeypatch.setenv("JAXMP_NATIVE_LOW_PRECISION_DOTS", native)
+    x, w = _inputs(jnp.bfloat16, w_contract_axis)
+    y = fastdot.matmul(x, w, w_contract_axis)
+    assert y.dtype == F32
+    np.testing.assert_allclose(y, _plain(x.astype(F32), w.astype(F32), w_contract_axis), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(_loss(fastdot.matmul, w_contract_axis), argnums=(0, 1)))(x, w)
+    reference = jax.grad(_loss(_plain, w_contract_axis), argnums=(0, 1))(x.astype(F32), w.astype(F32))
+    for got, want in zip(grads, reference, strict=True):
+        assert got.dtype == BF16
+        np.testing.assert_allclose(got.astype(F32), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("w_contract_axis", [0, 1])
+def test_backward_dots_take_compute_dtype_inputs(w_contract_axis):
+    x, w = _inputs(jnp.bfloat16, w_contract_axis)
+    jaxpr = jax.make_jaxpr(jax.grad(_loss(fastdot.matmul, w_contract_axis), argnums=(0, 1)))(x, w).jaxpr
+    dots = list(_dots(jaxpr))
+    assert len(dots) == 3  # forward, dx, dw
+    for dot in dots:
+        assert [np.dtype(v.aval.dtype) for v in dot.invars] == [BF16, BF16]
+        assert np.dtype(dot.params["preferred_element_type"]) == F32
+    # Neither backward dot contracts a transposed cotangent: each contracts the token axis (dw) or
+    # the cotangent's last axis (dx), as laid out in memory.
+    dx_dims, dw_dims = (dot.params["dimension_numbers"][0] for dot in dots[1:])
+    assert dx_dims[0] == (1,) and dw_dims == ((0,), (0,))
+
+
+@pytest.mark.parametrize(
+    ("env", "backend", "flags", "expected"),
+    [
+        ("1", "cpu", frozenset(), True),
+        ("0", "gpu", frozenset(), False),
+        (None, "gpu", frozenset(), True),
+        (None, "cpu", frozenset({"avx512_bf16"}), False),
+        (None, "cpu", frozenset({"avx512_bf16", "amx_bf16"}), True),
+    ],
+)
+def test_native_low_precision_dots_choice(env, backend, flags, expected, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("JAXMP_NATIVE_LOW_PRECISION_DOTS", raising=False)
+    else:
+        monkeypatch.setenv("JAXMP_NATIVE_LOW_PRECISION_DOTS", env)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(fastdot, "_cpu_flags", lambda: flags)
+    assert fastdot.native_low_precision_dots(jnp.bfloat16) is expected
+
+
+def test_upcast_dot_keeps_bf16_operands_in_the_jaxpr(monkeypatch):
+    monkeypatch.setenv("JAXMP_NATIVE_LOW_PRECISION_DOTS", "0")
+    x, w = _inputs(jnp.bfloat16, 0)
+    [dot] = _dots(jax.make_jaxpr(fastdot.matmul)(x, w).jaxpr)
+    assert [np.dtype(v.aval.dtype) for v in dot.invars] == [BF16, BF16]
+    assert dot.params["precision"] == jax.lax.DotAlgorithmPreset.F32_F32_F32
