@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
+from jaxmp import fastdot
 from jaxmp.precision import Policy
 
 __all__ = [
@@ -70,9 +71,11 @@ def _last_axis(vector_D: jax.Array, ndim: int) -> jax.Array:
 
 
 def _matmul(x: jax.Array, w: jax.Array, w_contract_axis: int = 0) -> jax.Array:
-    """``x[..., K] @ w`` contracting ``w``'s axis ``w_contract_axis``; inputs as given, fp32 result."""
-    dims = (((x.ndim - 1,), (w_contract_axis,)), ((), ()))
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    """``x[..., K] @ w`` contracting ``w``'s axis ``w_contract_axis``; inputs as given, fp32 result.
+
+    :func:`jaxmp.fastdot.matmul`: its backward dots also take compute-dtype inputs and fp32 accumulation.
+    """
+    return fastdot.matmul(x, w, w_contract_axis)
 
 
 class PolicyModule(nn.Module):
