@@ -38,6 +38,28 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def _scale_by_adam(b1, b2, eps, moment_dtype, seed) -> optax.GradientTransformation:
+    """optax's Adam when params and moments are all fp32; ``lowp.scale_by_adam_lowp`` otherwise.
+
+    Chosen from the params at ``init``: ``optax.scale_by_adam`` keeps its second moment in
+    the params' dtype, so bf16 params would silently get bf16 moments rounded to nearest,
+    which freeze (see ``lowp.scale_by_adam_lowp``).
+    """
+    standard = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32)
+    lean = lowp.scale_by_adam_lowp(b1, b2, eps, mu_dtype=moment_dtype, nu_dtype=moment_dtype, seed=seed)
+    fp32_moments = np.dtype(moment_dtype) == np.dtype(np.float32)
+
+    def init(params):
+        fp32_params = all(jnp.asarray(p).dtype == jnp.float32 for p in jax.tree.leaves(params))
+        return (standard if fp32_params and fp32_moments else lean).init(params)
+
+    def update(updates, state, params=None):
+        chosen = standard if isinstance(state, optax.ScaleByAdamState) else lean
+        return chosen.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
 def _inner_chain(learning_rate, clip_norm, weight_decay, b1, b2, eps, moment_dtype, param_update, seed):
     """clip -> Adam -> decoupled weight decay -> learning rate -> low-precision param update.
 
@@ -46,12 +68,7 @@ def _inner_chain(learning_rate, clip_norm, weight_decay, b1, b2, eps, moment_dty
     transforms = []
     if clip_norm is not None and clip_norm > 0:
         transforms.append(optax.clip_by_global_norm(clip_norm))
-    if np.dtype(moment_dtype) == np.dtype(np.float32):
-        transforms.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-    else:
-        transforms.append(
-            lowp.scale_by_adam_lowp(b1, b2, eps, mu_dtype=moment_dtype, nu_dtype=moment_dtype, seed=seed)
-        )
+    transforms.append(_scale_by_adam(b1, b2, eps, moment_dtype, seed))
     transforms += [
         optax.add_decayed_weights(weight_decay, mask=_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
@@ -104,7 +121,7 @@ def make_optimizer(
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     schedule = make_schedule(learning_rate, warmup_steps, total_steps)
     inner = optax.inject_hyperparams(
-        _inner_chain, static_args=("clip_norm", "moment_dtype", "param_update", "seed")
+        _inner_chain, static_args=("clip_norm", "b1", "b2", "eps", "moment_dtype", "param_update", "seed")
     )(
         learning_rate=schedule,
         clip_norm=clip_norm,
