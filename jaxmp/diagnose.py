@@ -96,14 +96,14 @@ def _percent(fraction: float) -> str:
 def format_table(diagnosis: Any, top: int) -> str:
     """A markdown table of the ``top`` entries most at risk (fractions at the settled loss scale)."""
     lines = [
-        "| kind | name | max abs (fp32) | overflow | underflow | subnormal | policy zeros | rel. error |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| kind | name | dtype | max abs (fp32) | overflow | underflow | subnormal | policy zeros | rel. error |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for entry in diagnosis.at_risk(top):
         reference = entry.at_scale.reference.fractions()
         zeros = entry.at_scale.policy.fractions()["zero"]
         lines.append(
-            f"| {entry.kind} | `{entry.name}` | {reference['max_abs']:.3g} | {_percent(reference['overflow'])} "
+            f"| {entry.kind} | `{entry.name}` | {entry.dtype} | {reference['max_abs']:.3g} | {_percent(reference['overflow'])} "
             f"| {_percent(reference['underflow'])} | {_percent(reference['subnormal'])} | {_percent(zeros)} "
             f"| {entry.at_scale.relative_error:.3g} |"
         )
@@ -156,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": args.seq_len,
     }
     _write_json(out / "diagnostics.json", record | diagnosis.to_json(args.top))
-    plots.plot_grad_histograms(diagnosis.histograms, f"{args.model} under {policy}", out / "grad_hist.png")
+    title = f"{args.model} under {args.policy} (--loss-scale {args.loss_scale}: {diagnosis.loss_scale:g})"
+    plots.plot_grad_histograms(diagnosis.histograms, title, out / "grad_hist.png")
     recommended = diagnosis.recommended_loss_scale
     print(f"policy: {policy}")
     print(
         f"recommended static loss scale (largest power of two without overflow): {recommended or 'none works'}"
     )
+    if not diagnosis.uses_float16:
+        print("  (nothing here is float16, so no loss scaling is needed: this is what float16 would take)")
     print(f"loss scale --loss-scale {args.loss_scale} settles on: {diagnosis.loss_scale:g}")
     print(format_table(diagnosis, args.top))
     print(f"wrote {out / 'diagnostics.json'} and {out / 'grad_hist.png'}")

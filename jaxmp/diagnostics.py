@@ -164,12 +164,15 @@ class Entry:
     Attributes:
       name: module path (``blocks_0/attn/query``) or parameter path (``blocks_0/attn/query/kernel``).
       kind: ``activation``, ``activation_grad`` or ``param_grad``.
+      dtype: what the policy holds the value in (``float16``, ...); for a parameter gradient, the
+        compute dtype of the module that owns the parameter, which the gradient passes through.
       at_one: measured at loss scale 1.
       at_scale: measured at :attr:`Diagnosis.loss_scale` (equal to ``at_one`` for activations).
     """
 
     name: str
     kind: str
+    dtype: str
     at_one: Measured
     at_scale: Measured
 
@@ -204,7 +207,8 @@ class Diagnosis:
       recommended_loss_scale: the largest power of two whose gradients do not overflow; None if
         none in ``2**-24 .. 2**64`` works (e.g. the forward pass already overflows).
       entries: every activation, activation gradient and parameter gradient.
-      histograms: parameter-gradient histograms at loss scale 1 and at ``loss_scale``.
+      histograms: parameter-gradient histograms at loss scale 1 and at ``loss_scale`` (at
+        ``recommended_loss_scale`` instead when ``loss_scale`` is 1, to show what scaling would do).
       uses_float16: whether the policy stores or computes anything in float16.
     """
 
@@ -220,9 +224,9 @@ class Diagnosis:
         """The ``top`` entries most hurt by the policy.
 
         With float16 in the policy: the largest fraction of values float16 loses at the settled
-        loss scale (overflow plus underflow), then the subnormal fraction, then the relative
-        error. Otherwise (bf16, fp32): the largest relative error. Negligible entries (see
-        :data:`NEGLIGIBLE_RMS`) come last.
+        loss scale (overflow plus underflow, counted only for values the policy holds in
+        float16), then the subnormal fraction, then the relative error. Otherwise (bf16, fp32):
+        the largest relative error. Negligible entries (see :data:`NEGLIGIBLE_RMS`) come last.
         """
         kind_rms = {}
         for kind in {entry.kind for entry in self.entries}:
@@ -236,6 +240,8 @@ class Diagnosis:
             error = math.inf if math.isnan(error) else error
             if not self.uses_float16:
                 return (significant, error)
+            if entry.dtype != "float16":
+                return (significant, 0.0, 0.0, error)
             fractions = entry.at_scale.reference.fractions()
             return (
                 significant,
@@ -257,6 +263,7 @@ class Diagnosis:
                 {
                     "name": e.name,
                     "kind": e.kind,
+                    "dtype": e.dtype,
                     "at_one": e.at_one.to_json(),
                     "at_scale": e.at_scale.to_json(),
                 }
@@ -303,6 +310,7 @@ class _Runner:
         self.probe_p = jax.jit(lambda params, batch, scale: _probe(model_p, params, batch, scale))
         self.params32, self.params_p = hf.cast_params(params, "fp32"), hf.cast_params(params, policy)
         self.batches = batches
+        self.policy = policy
         self.uses_float16 = np.dtype(np.float16) in set(policy.compute_dtypes) | {policy.param_dtype}
 
     def gradient_stats(self, scale: float) -> RangeStats:
@@ -318,6 +326,18 @@ class _Runner:
         """Whether a policy gradient is non-finite at ``scale`` (or, without float16, exceeds 65504)."""
         stats = self.gradient_stats(scale)
         return bool(stats.nan) or bool(stats.max_abs == math.inf if self.uses_float16 else stats.overflow)
+
+    def dtypes(self) -> dict[str, str]:
+        """``{"kind:name": dtype name}``: what the policy holds each value in (see :class:`Entry`)."""
+        shapes = jax.eval_shape(self.probe_p, self.params_p, self.batches[0], np.float32(1.0))
+        dtypes = {}
+        for kind, values in zip(_KINDS, shapes, strict=True):
+            for name, value in values.items():
+                module = self.policy.for_module(name.rsplit("/", 1)[0])
+                dtypes[f"{kind}:{name}"] = np.dtype(
+                    module.compute_dtype if kind == "param_grad" else value.dtype
+                ).name
+        return dtypes
 
     def measure(self, scale: float) -> tuple[dict[str, tuple], Histogram]:
         """``{"kind:name": (reference stats, policy stats, float64 [sum (p-r)^2, sum r^2])}`` and histograms."""
@@ -400,10 +420,12 @@ def diagnose(
     settled = settled_loss_scale(scaling.make_loss_scale(loss_scale, policy), recommended)
     at_one, histogram_one = runner.measure(1.0)
     at_scale, histogram_scale = runner.measure(settled) if settled != 1.0 else (at_one, histogram_one)
-    entries = []
+    if settled == 1.0 and recommended not in (None, 1.0):
+        histogram_scale = runner.measure(recommended)[1]
+    dtypes, entries = runner.dtypes(), []
     for key in at_one:
         kind, name = key.split(":", 1)
-        entries.append(Entry(name, kind, _measured(at_one[key]), _measured(at_scale[key])))
+        entries.append(Entry(name, kind, dtypes[key], _measured(at_one[key]), _measured(at_scale[key])))
     return Diagnosis(
         policy=str(policy),
         loss_scale_spec=loss_scale,

@@ -125,7 +125,7 @@ def plot_grad_histograms(histograms: Sequence[Histogram], title: str, path: str 
             color="black",
             label=f"fp32 x scale ({histogram.reference_zeros:,} exact zeros)",
         )
-        axes.set_title(f"{title}: parameter gradients at loss scale {histogram.scale:g}")
+        axes.set_title(f"{title}\nparameter gradients at loss scale {histogram.scale:g}")
         axes.set_ylabel("values (log scale)")
         axes.set_yscale("log")
         axes.set_xlim(low, high)

@@ -119,10 +119,14 @@ def test_recommended_loss_scale_is_the_largest_that_trains_without_overflow(smal
     assert not all(finite_at(2 * recommended))
 
     entries = {(e.kind, e.name): e for e in diagnosis.entries}
-    assert ("activation", "blocks_0/attn/query") in entries and (
-        "param_grad",
-        "lm_head/kernel",
-    ) not in entries
+    assert ("param_grad", "lm_head/kernel") not in entries  # tied to token_embed
+    held_in = [
+        ("activation", "blocks_0/attn/query", "float16"),
+        ("activation", "model.logits", "float32"),  # fp32 islands stay fp32
+        ("param_grad", "blocks_0/mlp/fc_in/kernel", "float16"),
+        ("param_grad", "final_norm/scale", "float32"),
+    ]
+    assert [entries[kind, name].dtype for kind, name, _ in held_in] == [dtype for *_, dtype in held_in]
     kernel = entries[("param_grad", "blocks_0/mlp/fc_in/kernel")]
     # scaling moves gradient values out of fp16's underflow range and shrinks the error
     assert kernel.at_scale.reference.underflow <= kernel.at_one.reference.underflow
