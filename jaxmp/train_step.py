@@ -87,10 +87,6 @@ def _zero_fraction(grads: Any) -> jax.Array:
     return zeros / sum(leaf.size for leaf in leaves)
 
 
-def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -145,12 +141,21 @@ def make_train_step(
         scaled_grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(state.params)
         grads = state.loss_scale.unscale(scaled_grads)  # fp32
         grads_finite = all_finite(grads)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+
+        def apply_update(params_and_opt_state):
+            params, opt_state = params_and_opt_state
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # lax.cond runs one branch: a dropped micro-step returns the state as it was, bit for bit, and a
+        # finite one updates it in place (selecting between two computed states would copy all of it).
+        new_params, new_opt_state = jax.lax.cond(
+            grads_finite, apply_update, lambda unchanged: unchanged, (state.params, state.opt_state)
+        )
         new_state = state.replace(
             step=state.step + 1,
-            params=_select(grads_finite, new_params, state.params),
-            opt_state=_select(grads_finite, new_opt_state, state.opt_state),
+            params=new_params,
+            opt_state=new_opt_state,
             loss_scale=state.loss_scale.adjust(grads_finite),
             skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
         )
