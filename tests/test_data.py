@@ -138,9 +138,7 @@ def test_directory_without_tokenizer_json_goes_through_transformers(tmp_path):
     np.testing.assert_array_equal(converted.encode(text), reference.encode(text))
     assert converted.vocab_size == 30522 and converted.eos_id is None
     (tmp_path / "empty").mkdir()
-    with pytest.raises(
-        DataError, match="cannot load a tokenizer from directory .*; expected a tokenizer.json"
-    ):
+    with pytest.raises(DataError, match="directory .*empty has no tokenizer files"):
         load_tokenizer(str(tmp_path / "empty"))
 
 
@@ -396,8 +394,3 @@ def test_train_batches_shuffle_each_epoch_deterministically():
         for step in range(10)
     )
 
-
-def test_tokenizer_directory_without_tokenizer_files_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text("{}")  # a model directory, but no tokenizer in it
-    with pytest.raises(DataError, match="no tokenizer files"):
-        load_tokenizer(str(tmp_path))
