@@ -15,7 +15,9 @@ within the time box) on one device:
 * fp16 with dynamic loss scaling against fp16 without, the cost of scaling.
 
 Candidates are compiled first, then timed in interleaved rounds of ``--steps`` steps each. A
-section that would start after ``--budget-s`` seconds is skipped and reported as such.
+section that would start after ``--budget-s`` seconds is skipped, and a variant that fails (out of
+memory: attention probabilities are materialised, so fp32 at batch 8 x 1024 wants tens of GiB; use
+``--batch-size 4`` on a 40 GiB card) is reported, not fatal.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def peak_tflops(device_kind: str) -> float | None:
     return None
 
 
-def flops_per_token(config, params) -> float:
+def flops_per_token(config) -> float:
     """``6 N + 12 L H Q T`` (PaLM, appendix B); N excludes the position table (a lookup, no matmul)."""
+    model = models.create_model(config)
+    params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), config.max_positions))
     n = models.count_params(params) - config.max_positions * config.d_model
     return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * config.max_positions
 
@@ -77,9 +81,9 @@ class Candidate:
         optimizer = jaxmp.make_optimizer(learning_rate=1e-4)
         parsed = jaxmp.get_policy(policy)
         with jax.default_matmul_precision(matmul_precision):
-            self.params = models.init_params(model, jax.random.key(0), config.max_positions)
+            params = models.init_params(model, jax.random.key(0), config.max_positions)
             self.state = jaxmp.TrainState.create(
-                params=self.params, optimizer=optimizer, loss_scale=jaxmp.make_loss_scale(loss_scale, parsed)
+                params=params, optimizer=optimizer, loss_scale=jaxmp.make_loss_scale(loss_scale, parsed)
             )
             step = jaxmp.make_train_step(lm_loss_fn(model), optimizer, parsed, cast_params=False)
             start = time.perf_counter()
@@ -143,17 +147,19 @@ def main() -> None:
             "fp16 none": ("fp16", None, "none"),
         },
     }
-    seconds, compile_seconds, skipped, flops = {}, {}, [], None
+    flops = flops_per_token(config)
+    seconds, compile_seconds, skipped, failed = {}, {}, [], {}
     for section, variants in sections.items():
         if time.perf_counter() - started > args.budget_s:
             skipped.append(section)
             continue
-        candidates = {
-            name: Candidate(config, policy, batch, precision, loss_scale)
-            for name, (policy, precision, loss_scale) in variants.items()
-        }
-        flops = flops or flops_per_token(config, candidates[next(iter(candidates))].params)
-        compile_seconds.update({name: c.compile_seconds for name, c in candidates.items()})
+        candidates = {}
+        for name, (policy, precision, loss_scale) in variants.items():
+            try:  # e.g. out of memory for this variant: report it and go on
+                candidates[name] = Candidate(config, policy, batch, precision, loss_scale)
+                compile_seconds[name] = candidates[name].compile_seconds
+            except jax.errors.JaxRuntimeError as error:
+                failed[name] = str(error).splitlines()[0][:300]
         seconds.update(time_round_robin(candidates, args.rounds, args.steps))
         del candidates
     rows = []
@@ -184,11 +190,12 @@ def main() -> None:
         "tokens_per_second": {name: tokens / s for name, s in seconds.items()},
         "mfu": {name: tokens / s * flops / 1e12 / peak for name, s in seconds.items()} if peak else None,
         "skipped_sections": skipped,
+        "failed_variants": failed,
         "stubbed_modules": STUBBED,
         "wall_seconds": time.perf_counter() - started,
         "environment": environment(),
     }
-    if "fp16 dynamic" in seconds:
+    if "fp16 dynamic" in seconds and "fp16 none" in seconds:
         results["loss_scaling_overhead"] = seconds["fp16 dynamic"] / seconds["fp16 none"] - 1
     headers = ("variant", "compile s", "step ms", "tokens/s", "model TFLOP/s", "MFU", "step time vs bf16")
     print(f"## GPU: {preset} {batch_size}x{seq_len} on {device_kind} (peak {peak} TFLOP/s bf16)\n")
@@ -197,6 +204,8 @@ def main() -> None:
         print(f"\nfp16 dynamic loss scaling overhead: {results['loss_scaling_overhead']:+.1%}")
     if skipped:
         print(f"\nskipped (over --budget-s {args.budget_s:.0f}): {', '.join(skipped)}")
+    for name, message in failed.items():
+        print(f"\n{name} failed (try a smaller --batch-size): {message}")
     print(f"\nwall {results['wall_seconds']:.0f} s; jax {jax.__version__}; backend {jax.default_backend()}")
     if args.json:
         import json
