@@ -94,7 +94,9 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError("no checkpoint to restore")
         abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)}
-        restore = ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract), partial_restore=True)
+        restore = ocp.args.PyTreeRestore(
+            item=abstract, restore_args=_restore_args(abstract), partial_restore=True
+        )
         restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))
         return restored["state"]["params"]
 

@@ -393,4 +393,3 @@ def test_train_batches_shuffle_each_epoch_deterministically():
         np.array_equal(examples.batch(1, step, 2)["labels"], stream[2 * step : 2 * step + 2])
         for step in range(10)
     )
-
