@@ -79,22 +79,24 @@ def _rows(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, w: jax.Array, w_contract_axis: int = 0) -> jax.Array:
-    """``x[..., K] @ w`` with fp32 accumulation, forward and backward.
+    """``x[..., K] @ w`` on ``x``'s dtype with fp32 accumulation, forward and backward.
 
     Args:
       x: ``[..., K]`` inputs in the compute dtype.
       w: ``[K, F]`` (``w_contract_axis=0``) or ``[F, K]`` (``w_contract_axis=1``, e.g. a tied
-        embedding table) in the same dtype as ``x``.
+        embedding table), typically the master weights: they are cast to ``x``'s dtype inside, so
+        the backward pass keeps ``w`` itself rather than a low-precision copy, and recasts it.
       w_contract_axis: which axis of ``w`` is contracted with ``x``'s last axis.
 
     Returns:
-      ``[..., F]`` fp32. Gradients come back in the dtypes of ``x`` and ``w``.
+      ``[..., F]`` fp32. ``x``'s gradient comes back in ``x``'s dtype; ``w``'s in ``w``'s dtype,
+      converted straight from the fp32 accumulator (not rounded to the compute dtype on the way).
     """
     return _forward(x, w, w_contract_axis)[0]
 
 
 def _forward(x, w, w_contract_axis):
-    y_NxF = _dot(_rows(x), w, 1, w_contract_axis)
+    y_NxF = _dot(_rows(x), w.astype(x.dtype), 1, w_contract_axis)
     return y_NxF.reshape(*x.shape[:-1], y_NxF.shape[-1]), (x, w)
 
 
@@ -102,7 +104,7 @@ def _backward(w_contract_axis, residuals, cotangent):
     x, w = residuals
     dy_NxF = _rows(cotangent).astype(x.dtype)  # the backward dots take compute-dtype inputs too
     x_NxK = _rows(x)
-    dx_NxK = _dot(dy_NxF, w, 1, 1 - w_contract_axis)
+    dx_NxK = _dot(dy_NxF, w.astype(x.dtype), 1, 1 - w_contract_axis)
     if w_contract_axis == 0:
         dw = _dot(x_NxK, dy_NxF, 0, 0)  # [K, F]
     else:

@@ -111,3 +111,22 @@ def test_upcast_dot_keeps_bf16_operands_in_the_jaxpr(monkeypatch):
     [dot] = _dots(jax.make_jaxpr(fastdot.matmul)(x, w).jaxpr)
     assert [np.dtype(v.aval.dtype) for v in dot.invars] == [BF16, BF16]
     assert dot.params["precision"] == jax.lax.DotAlgorithmPreset.F32_F32_F32
+
+
+@pytest.mark.parametrize("w_contract_axis", [0, 1])
+def test_master_weights_are_cast_inside_and_get_fp32_gradients(w_contract_axis):
+    x, w = _inputs(jnp.bfloat16, w_contract_axis)
+    w_master = jax.random.normal(jax.random.key(1), w.shape, jnp.float32)
+    np.testing.assert_array_equal(
+        fastdot.matmul(x, w_master, w_contract_axis),
+        fastdot.matmul(x, w_master.astype(BF16), w_contract_axis),
+    )
+    loss = _loss(fastdot.matmul, w_contract_axis)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w_master).jaxpr
+    assert all([np.dtype(v.aval.dtype) for v in dot.invars] == [BF16, BF16] for dot in _dots(jaxpr))
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w_master)
+    assert dx.dtype == BF16 and dw.dtype == F32
+    # The weight gradient leaves the fp32 accumulator unrounded: as the cast copy's gradient, but finer.
+    _, dw_cast = jax.grad(loss, argnums=(0, 1))(x, w_master.astype(BF16))
+    np.testing.assert_allclose(dw, dw_cast.astype(F32), rtol=1e-2, atol=1e-2)
+    assert not np.array_equal(dw, dw.astype(BF16).astype(F32))
