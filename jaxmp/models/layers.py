@@ -71,9 +71,10 @@ def _last_axis(vector_D: jax.Array, ndim: int) -> jax.Array:
 
 
 def _matmul(x: jax.Array, w: jax.Array, w_contract_axis: int = 0) -> jax.Array:
-    """``x[..., K] @ w`` contracting ``w``'s axis ``w_contract_axis``; inputs as given, fp32 result.
+    """``x[..., K] @ w`` contracting ``w``'s axis ``w_contract_axis``, on ``x``'s dtype; fp32 result.
 
-    :func:`jaxmp.fastdot.matmul`: its backward dots also take compute-dtype inputs and fp32 accumulation.
+    :func:`jaxmp.fastdot.matmul`: its backward dots also take compute-dtype inputs and fp32 accumulation,
+    and it keeps the master ``w`` (not a compute-dtype copy) for the backward pass.
     """
     return fastdot.matmul(x, w, w_contract_axis)
 
@@ -126,7 +127,7 @@ class Dense(PolicyModule):
         kernel_KxF = self.param(
             "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features), self.param_dtype
         )
-        y = _matmul(x_BxLxK.astype(self.dtype), kernel_KxF.astype(self.dtype))
+        y = _matmul(x_BxLxK.astype(self.dtype), kernel_KxF)
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + _last_axis(bias_F.astype(self.dtype), y.ndim)
@@ -522,7 +523,7 @@ class LogitsHead(PolicyModule):
         else:
             kernel, contract_axis = tied_embedding_FxD, 1
         logits_dtype = self.policy.for_module(f"{self.module_path}/logits").compute_dtype
-        accumulator = _matmul(x_BxLxD.astype(self.dtype), kernel.astype(self.dtype), contract_axis)
+        accumulator = _matmul(x_BxLxD.astype(self.dtype), kernel, contract_axis)
         logits = accumulator.astype(logits_dtype)  # fp32 island: final logits
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
