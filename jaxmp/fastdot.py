@@ -26,12 +26,13 @@ a bf16 x bf16 -> fp32 dot).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["matmul", "native_low_precision_dots"]
+__all__ = ["attention", "matmul", "native_low_precision_dots"]
 
 _NATIVE_ENV = "JAXMP_NATIVE_LOW_PRECISION_DOTS"
 
@@ -63,13 +64,22 @@ def native_low_precision_dots(dtype: jnp.dtype) -> bool:
     return amx_flag in _cpu_flags()
 
 
+def _precision(dtype: jnp.dtype) -> jax.lax.DotAlgorithmPreset | None:
+    """None (the backend's dot), or the exact fp32 upcast where ``dtype`` dots are slow."""
+    if dtype != jnp.float32 and not native_low_precision_dots(dtype):
+        return jax.lax.DotAlgorithmPreset.F32_F32_F32  # exact upcast: the same fp32-accumulated products
+    return None
+
+
 def _dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
     """Contracts ``a``'s axis ``a_axis`` with ``b``'s axis ``b_axis`` of 2-D operands; fp32 result."""
-    precision = None
-    if a.dtype != jnp.float32 and not native_low_precision_dots(a.dtype):
-        precision = jax.lax.DotAlgorithmPreset.F32_F32_F32  # exact upcast: the same fp32-accumulated products
     dims = (((a_axis,), (b_axis,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, dims, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum`` of two operands of one dtype with fp32 accumulation and the kernel of :func:`_dot`."""
+    return jnp.einsum(spec, a, b, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -113,3 +123,73 @@ def _backward(w_contract_axis, residuals, cotangent):
 
 
 matmul.defvjp(_forward, _backward)
+
+
+@jax.custom_vjp
+def attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_Bx1xLxS) -> jax.Array:
+    """Softmax attention with fp32 scores and softmax, compute-dtype ``probs @ v``, and a lean backward pass.
+
+    The numerics of ``jax.nn.dot_product_attention``'s XLA path (and of grouped queries: ``G`` key/value
+    heads serve ``H = G R`` query heads). Autodiff of that path keeps several ``[B, H, L, S]`` arrays per
+    layer for the backward pass (fp32 scores, fp32 probabilities and their compute-dtype copy); here only
+    the softmax's row max and row sum (fp32 ``[B, H, L]``) are kept and the probabilities are recomputed
+    from ``q`` and ``k``, one extra ``q kᵀ`` against far less memory. Backward dots take compute-dtype
+    inputs and accumulate in fp32, as :func:`matmul`'s::
+
+        p = exp(s - max) / sum                        # recomputed, fp32, s = q kᵀ / sqrt(K) masked
+        dv = pᵀ · dout        dp = dout · vᵀ          # p and dout in the compute dtype
+        ds = p * (dp - rowsum(dp * p))                # fp32, zero where masked
+        dq = ds · k / sqrt(K)   dk = dsᵀ · q / sqrt(K)   # ds in the compute dtype
+
+    Args:
+      q_BxLxHxK: queries; ``k_BxSxGxK``, ``v_BxSxGxK``: keys and values, all in one compute dtype.
+      mask_Bx1xLxS: boolean (``B`` or 1 rows), True where a query may attend to a key; None: all may.
+
+    Returns:
+      ``[B, L, H, K]`` in ``v``'s dtype. A fully masked row attends uniformly, as XLA's path does.
+    """
+    return _attention_forward(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS)[0]
+
+
+def _scores(q_BxLxGxRxK, k_BxSxGxK, mask_Bx1xLxS):
+    """fp32 ``q kᵀ / sqrt(K)`` ``[B, G, R, L, S]``, masked positions at the most negative fp32."""
+    scores = _einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK) / math.sqrt(q_BxLxGxRxK.shape[-1])
+    if mask_Bx1xLxS is None:
+        return scores
+    return jnp.where(mask_Bx1xLxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
+
+
+def _grouped(q_BxLxHxK, kv_heads):
+    batch, length, heads, head_dim = q_BxLxHxK.shape
+    return q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+
+
+def _attention_forward(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS):
+    q_BxLxGxRxK = _grouped(q_BxLxHxK, k_BxSxGxK.shape[2])
+    scores = _scores(q_BxLxGxRxK, k_BxSxGxK, mask_Bx1xLxS)  # fp32 island: attention softmax
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    exp_scores = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(exp_scores, axis=-1, keepdims=True)
+    probs = (exp_scores / row_sum).astype(v_BxSxGxK.dtype)
+    out = _einsum("bgrls,bsgk->blgrk", probs, v_BxSxGxK).astype(v_BxSxGxK.dtype)
+    residuals = (q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, row_max, row_sum)
+    return out.reshape(q_BxLxHxK.shape), residuals
+
+
+def _attention_backward(residuals, dout_BxLxHxK):
+    q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, row_max, row_sum = residuals
+    q_BxLxGxRxK = _grouped(q_BxLxHxK, k_BxSxGxK.shape[2])
+    dout = _grouped(dout_BxLxHxK.astype(v_BxSxGxK.dtype), k_BxSxGxK.shape[2])
+    probs = jnp.exp(_scores(q_BxLxGxRxK, k_BxSxGxK, mask_Bx1xLxS) - row_max) / row_sum
+    dv = _einsum("bgrls,blgrk->bsgk", probs.astype(v_BxSxGxK.dtype), dout)
+    dprobs = _einsum("blgrk,bsgk->bgrls", dout, v_BxSxGxK)
+    dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
+    if mask_Bx1xLxS is not None:
+        dscores = jnp.where(mask_Bx1xLxS[:, :, None], dscores, 0.0)
+    dscores = (dscores / math.sqrt(q_BxLxHxK.shape[-1])).astype(q_BxLxHxK.dtype)
+    dq = _einsum("bgrls,bsgk->blgrk", dscores, k_BxSxGxK).reshape(q_BxLxHxK.shape)
+    dk = _einsum("bgrls,blgrk->bsgk", dscores, q_BxLxGxRxK)
+    return dq.astype(q_BxLxHxK.dtype), dk.astype(k_BxSxGxK.dtype), dv.astype(v_BxSxGxK.dtype), None
+
+
+attention.defvjp(_attention_forward, _attention_backward)

@@ -130,3 +130,48 @@ def test_master_weights_are_cast_inside_and_get_fp32_gradients(w_contract_axis):
     _, dw_cast = jax.grad(loss, argnums=(0, 1))(x, w_master.astype(BF16))
     np.testing.assert_allclose(dw, dw_cast.astype(F32), rtol=1e-2, atol=1e-2)
     assert not np.array_equal(dw, dw.astype(BF16).astype(F32))
+
+
+def _attention_inputs(dtype):
+    key = jax.random.key(2)
+    q, k, v = (
+        jax.random.normal(jax.random.fold_in(key, i), (2, 6, heads, 8)).astype(dtype)
+        for i, heads in enumerate((4, 2, 2))
+    )
+    # Row 1 is left-padded: its first two queries see no key at all (attend uniformly, as XLA does).
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], bool)[:, None, None, :]
+    return q, k, v, mask & jnp.tril(jnp.ones((6, 6), bool))[None, None]
+
+
+def _attention_loss(attend, mask):
+    return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask).astype(jnp.float32)))
+
+
+def _xla_attention(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(F32, 1e-6), (BF16, 1e-2)])
+def test_attention_matches_xla_attention_and_its_gradients(masked, dtype, tolerance):
+    q, k, v, mask = _attention_inputs(dtype)
+    mask = mask if masked else None
+    out = jax.jit(fastdot.attention)(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    expected_out = _xla_attention(q, k, v, mask).astype(F32)
+    np.testing.assert_allclose(out.astype(F32), expected_out, rtol=tolerance, atol=tolerance)
+    grads = jax.jit(jax.grad(_attention_loss(fastdot.attention, mask), argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.grad(_attention_loss(_xla_attention, mask), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got.astype(F32), want.astype(F32), rtol=tolerance, atol=tolerance)
+
+
+def test_attention_backward_dots_take_compute_dtype_inputs():
+    q, k, v, mask = _attention_inputs(BF16)
+    jaxpr = jax.make_jaxpr(jax.grad(_attention_loss(fastdot.attention, mask), argnums=(0, 1, 2)))(q, k, v)
+    dots = list(_dots(jaxpr.jaxpr))
+    assert len(dots) == 2 + 5  # forward q kᵀ and p v; backward recomputed q kᵀ, dv, dp, dq, dk
+    for dot in dots:
+        assert [np.dtype(v.aval.dtype) for v in dot.invars] == [BF16, BF16]
+        assert np.dtype(dot.params["preferred_element_type"]) == F32
