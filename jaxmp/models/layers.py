@@ -354,9 +354,10 @@ class Attention(PolicyModule):
 
     Submodules: ``query``, ``key``, ``value``, ``out`` (:class:`Dense`). The softmax
     computes in ``policy.for_module(f"{path}/softmax")`` (fp32 by default). With an fp32
-    softmax and no active attention dropout the core is ``jax.nn.dot_product_attention``
-    (fp32 scores and softmax, compute-dtype ``probs @ v``); otherwise an explicit einsum
-    softmax with the same numerics but the softmax in the requested dtype.
+    softmax and no active attention dropout the core is :func:`jaxmp.fastdot.attention`
+    (fp32 scores and softmax, compute-dtype ``probs @ v``, a backward pass that recomputes the
+    probabilities instead of keeping them); otherwise an explicit einsum softmax with the same
+    numerics but the softmax in the requested dtype.
 
     Attributes:
       n_heads: query heads ``H``.
@@ -428,11 +429,8 @@ class Attention(PolicyModule):
 
         softmax_dtype = self.policy.for_module(f"{self.module_path}/softmax").compute_dtype
         dropout_active = self.dropout_rate > 0.0 and not deterministic
-        # jax.nn.dot_product_attention's XLA path asks for an fp16 x fp16 -> fp32 dot that XLA's
-        # CPU backend rejects; the explicit softmax below computes the same thing.
-        cpu_fp16 = q_BxLxHxK.dtype == jnp.float16 and jax.default_backend() == "cpu"
-        if jnp.dtype(softmax_dtype) == jnp.float32 and not dropout_active and not cpu_fp16:
-            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL)
+        if jnp.dtype(softmax_dtype) == jnp.float32 and not dropout_active:
+            out_BxLxHxK = fastdot.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL)
         else:
             dropout = nn.Dropout(self.dropout_rate) if dropout_active else None
             out_BxLxHxK = _attend_softmax(
