@@ -5,9 +5,10 @@
 Kernels: one ``[M, K] x [K, N] -> fp32`` dot with fp32 operands, with bf16 operands run natively
 (XLA's bf16 kernel, fast only with AMX), and with bf16 operands upcast to fp32 inside the compiled
 dot (``DotAlgorithmPreset.F32_F32_F32``, what ``jaxmp.fastdot`` does on CPUs without AMX).
-Steps: the same ``make_train_step`` with the layers' matmul as plain autodiff of
-``lax.dot_general(..., preferred_element_type=float32)`` ("before", jaxmp until fastdot) and as
-``jaxmp.fastdot.matmul`` ("after"), fp32 and bf16, all timed round-robin in one process.
+Steps: the same ``make_train_step`` with the layers' matmuls as plain autodiff of
+``lax.dot_general(..., preferred_element_type=float32)`` and their attention as
+``jax.nn.dot_product_attention`` ("before", jaxmp until fastdot), and with ``jaxmp.fastdot.matmul``
+and ``jaxmp.fastdot.attention`` ("after"), fp32 and bf16, all timed round-robin in one process.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ KERNEL_SHAPES = ((2048, 2048, 2048), (2048, 256, 1024), (1024, 768, 3072))
 def plain_matmul(x, w, w_contract_axis=0):
     """The layers' matmul before fastdot: plain autodiff of an fp32-accumulating dot."""
     dims = (((x.ndim - 1,), (w_contract_axis,)), ((), ()))
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+
+
+def xla_attention(q, k, v, mask):
+    """The layers' attention before fastdot: autodiff of ``jax.nn.dot_product_attention``'s XLA path."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 def kernels(repeats: int) -> list[dict]:
@@ -64,12 +70,16 @@ def steps(shape: str, repeats: int) -> list[dict]:
     preset, batch_size, seq_len = SHAPES[shape]
     candidates, compiled = {}, {}
     for policy in ("fp32", "bf16"):
-        for when, matmul in (("before", plain_matmul), ("after", fastdot.matmul)):
-            original, layers._matmul = layers._matmul, matmul  # read when the step is traced
+        for when, matmul, attention in (
+            ("before", plain_matmul, xla_attention),
+            ("after", fastdot.matmul, fastdot.attention),
+        ):
+            originals = layers._matmul, fastdot.attention
+            layers._matmul, fastdot.attention = matmul, attention  # both read when the step is traced
             try:
                 step = lm_train_step(preset, policy, batch_size, seq_len)
             finally:
-                layers._matmul = original
+                layers._matmul, fastdot.attention = originals
             candidates[f"{policy} {when}"] = step.run_once
             compiled[f"{policy} {when}"] = step
     times = interleaved_times(candidates, repeats)
@@ -83,7 +93,7 @@ def steps(shape: str, repeats: int) -> list[dict]:
                 "shape": shape,
                 "model": preset,
                 "policy": policy,
-                "matmul": when,
+                "dots": when,
                 "step_seconds": median(t["wall"]),
                 "cpu_seconds": median(t["cpu"]),
                 "tokens_per_second": step.tokens / median(t["wall"]),
@@ -112,7 +122,7 @@ def main() -> None:
         (
             "shape",
             "policy",
-            "matmul",
+            "dots",
             "step ms",
             "CPU ms",
             "tokens/s",
@@ -124,7 +134,7 @@ def main() -> None:
             (
                 f"{r['model']} {SHAPES[r['shape']][1]}x{SHAPES[r['shape']][2]}",
                 f"`{r['policy']}`",
-                r["matmul"],
+                r["dots"],
                 f"{r['step_seconds'] * 1e3:.0f}",
                 f"{r['cpu_seconds'] * 1e3:.0f}",
                 f"{r['tokens_per_second']:.0f}",

@@ -111,8 +111,9 @@ def report(title: str, table: str, results: dict[str, Any], json_path: str | Non
     """Prints the table and the environment; writes ``{"environment", "results"}`` to ``json_path``."""
     env = environment()
     print(f"## {title}\n\n{table}\n")
+    flags = " ".join(env["cpu_flags"])
     print(
-        f"{env['date']} · {env['cpu']} ({env['cpu_threads_available']} threads; {' '.join(env['cpu_flags'])})"
+        f"{env['date']} · {env['cpu']} ({env['cpu_threads_available']} threads; {flags})"
         f" · load {env['load_average_1min']:.1f} · "
         + " ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     )
@@ -180,7 +181,7 @@ def lm_train_step(
     loss_scale: str = "auto",
     warm_up: bool = True,
 ) -> LMStep:
-    """A compiled ``jaxmp.make_train_step`` for ``preset`` under ``policy``, as ``python -m jaxmp.train`` builds it."""
+    """A compiled ``jaxmp.make_train_step`` for ``preset`` under ``policy``, built as the CLI builds it."""
     model = models.get_model(preset, policy)
     params = models.init_params(model, jax.random.key(0), seq_len)
     optimizer = jaxmp.make_optimizer(learning_rate=1e-4, accum_steps=accum_steps)
