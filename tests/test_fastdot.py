@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmp import fastdot
+from jaxmp import fastdot, models
+from jaxmp.losses import lm_loss
+from jaxmp.models import layers
 
 F32, BF16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16)
 
@@ -175,3 +177,26 @@ def test_attention_backward_dots_take_compute_dtype_inputs():
     for dot in dots:
         assert [np.dtype(v.aval.dtype) for v in dot.invars] == [BF16, BF16]
         assert np.dtype(dot.params["preferred_element_type"]) == F32
+
+
+@pytest.mark.parametrize(("policy", "tolerance"), [("fp32", 1e-6), ("bf16", 2e-2)])
+def test_gpt2_gradients_match_plain_autodiff(policy, tolerance, monkeypatch):
+    model = models.get_model("gpt2-tiny", policy, n_layers=2, d_model=64, n_heads=4, d_ff=128)
+    params = models.init_params(model, jax.random.key(0), 16)
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+    padding = jnp.array([[1] * 16, [0] * 3 + [1] * 13])
+
+    def loss(p):
+        return lm_loss(model.apply({"params": p}, ids, attention_mask=padding).logits, ids)
+
+    def grads():  # a fresh jit on each call: traced with the layers as they are now
+        return jax.jit(jax.grad(loss))(params)
+
+    fast = jax.tree.leaves(grads())
+    monkeypatch.setattr(layers, "_matmul", lambda x, w, axis=0: _plain(x, w.astype(x.dtype), axis))
+    monkeypatch.setattr(fastdot, "attention", _xla_attention)
+    plain = jax.tree.leaves(grads())
+    scale = max(float(jnp.max(jnp.abs(g))) for g in plain)
+    for got, want in zip(fast, plain, strict=True):
+        assert got.dtype == want.dtype == F32
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * scale)
