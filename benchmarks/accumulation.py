@@ -3,9 +3,10 @@
     python benchmarks/accumulation.py [--model gpt2-tiny] [--batch-size 32] [--seq-len 64] [--policy bf16]
         [--repeats 5] [--json accumulation.json]
 
-Both make one optimizer update from the same number of tokens: eight micro-steps of the jitted
-``make_train_step`` with ``optax.MultiSteps`` (fp32 accumulator), or one step on the whole batch
-without an accumulator. The two are timed round-robin, one update at a time.
+All three make one optimizer update from the same number of tokens: eight calls of the jitted
+``make_train_step`` with ``optax.MultiSteps`` (fp32 accumulator); the same eight micro-steps in
+one call (``scan_micro_steps=True``, a ``lax.scan`` over the window); or one step on the whole
+batch without an accumulator. They are timed round-robin, one update at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     micro = lm_train_step(args.model, args.policy, args.batch_size, args.seq_len, accum_steps=ACCUM_STEPS)
+    scanned = lm_train_step(
+        args.model, args.policy, args.batch_size, args.seq_len, accum_steps=ACCUM_STEPS, scan_micro_steps=True
+    )
     large = lm_train_step(args.model, args.policy, ACCUM_STEPS * args.batch_size, args.seq_len)
 
     def accumulated_update():
@@ -34,7 +38,12 @@ def main() -> None:
             micro.run_once()
 
     times = interleaved_times(
-        {"accumulated": accumulated_update, "large batch": large.run_once}, args.repeats
+        {
+            "accumulated": accumulated_update,
+            "scanned window": scanned.run_once,
+            "large batch": large.run_once,
+        },
+        args.repeats,
     )
     tokens = large.tokens
     results = {
@@ -46,11 +55,16 @@ def main() -> None:
         "times": times,
         "tokens_per_second": {name: tokens / median(t["wall"]) for name, t in times.items()},
         "cpu_tokens_per_second": {name: tokens / median(t["cpu"]) for name, t in times.items()},
-        "compile_seconds": {"accumulated": micro.compile_seconds, "large batch": large.compile_seconds},
+        "compile_seconds": {
+            "accumulated": micro.compile_seconds,
+            "scanned window": scanned.compile_seconds,
+            "large batch": large.compile_seconds,
+        },
     }
     tps, cpu_tps = results["tokens_per_second"], results["cpu_tokens_per_second"]
     labels = {
-        "accumulated": f"{ACCUM_STEPS} x {args.batch_size}x{args.seq_len} (accum_steps={ACCUM_STEPS})",
+        "accumulated": f"{ACCUM_STEPS} calls of {args.batch_size}x{args.seq_len} (accum_steps={ACCUM_STEPS})",
+        "scanned window": f"1 call, {ACCUM_STEPS} x {args.batch_size}x{args.seq_len} scanned",
         "large batch": f"1 x {ACCUM_STEPS * args.batch_size}x{args.seq_len}",
     }
     rows = [

@@ -153,7 +153,7 @@ class LMStep:
 
     @property
     def tokens(self) -> int:
-        """Tokens per step (``accum_steps`` micro-steps make one update)."""
+        """Tokens per call (one micro-step, or a whole window with ``scan_micro_steps``)."""
         return int(self.batch["input_ids"].size)
 
     def run_once(self) -> None:
@@ -180,8 +180,12 @@ def lm_train_step(
     accum_steps: int = 1,
     loss_scale: str = "auto",
     warm_up: bool = True,
+    scan_micro_steps: bool = False,
 ) -> LMStep:
-    """A compiled ``jaxmp.make_train_step`` for ``preset`` under ``policy``, built as the CLI builds it."""
+    """A compiled ``jaxmp.make_train_step`` for ``preset`` under ``policy``, built as the CLI builds it.
+
+    With ``scan_micro_steps`` one call runs a whole window of ``accum_steps`` micro-batches.
+    """
     model = models.get_model(preset, policy)
     params = models.init_params(model, jax.random.key(0), seq_len)
     optimizer = jaxmp.make_optimizer(learning_rate=1e-4, accum_steps=accum_steps)
@@ -190,8 +194,12 @@ def lm_train_step(
         params=params, optimizer=optimizer, loss_scale=jaxmp.make_loss_scale(loss_scale, parsed)
     )
     loss_fn = lm_loss_fn(model)
-    step = jaxmp.make_train_step(loss_fn, optimizer, parsed, cast_params=False)
+    step = jaxmp.make_train_step(
+        loss_fn, optimizer, parsed, cast_params=False, scan_micro_steps=scan_micro_steps
+    )
     batch = random_batch(model.config.vocab_size, batch_size, seq_len)
+    if scan_micro_steps:
+        batch = jax.tree.map(lambda x: jnp.stack([x] * accum_steps), batch)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     lm = LMStep(model, loss_fn, optimizer, state, batch, compiled, time.perf_counter() - start)

@@ -96,6 +96,7 @@ def make_train_step(
     cast_batch: bool = True,
     jit: bool = True,
     donate: bool = True,
+    scan_micro_steps: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``step(state, batch) -> (state, metrics)``.
 
@@ -117,6 +118,13 @@ def make_train_step(
         leaves (token ids, labels) are never cast.
       jit: wrap in ``jax.jit``.
       donate: donate the input state's buffers (with ``jit``).
+      scan_micro_steps: the step takes micro-batches stacked on a new leading axis
+        (``[n, ...]`` per leaf, typically ``n = accum_steps``: one accumulation window)
+        and runs them one after another inside one call with ``lax.scan``. Each is the
+        same micro-step as above (MultiSteps accumulation, per-micro-step skipping and
+        loss-scale adjustment), so the result equals ``n`` separate calls; it saves the
+        host round trip and dispatch between micro-steps. Every metric gains the
+        leading ``[n]`` axis.
 
     Returns:
       The step. ``metrics`` holds fp32 scalars ``loss`` (unscaled), ``grad_norm``
@@ -172,9 +180,13 @@ def make_train_step(
         }
         return new_state, metrics
 
+    def window_step(state: TrainState, batches: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        return jax.lax.scan(train_step, state, batches)
+
+    step = window_step if scan_micro_steps else train_step
     if jit:
-        return jax.jit(train_step, donate_argnums=(0,) if donate else ())
-    return train_step
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return step
 
 
 def make_eval_step(

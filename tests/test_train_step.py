@@ -125,6 +125,42 @@ def test_non_finite_micro_step_is_dropped_entirely(jit):
     assert int(state.skipped_steps) == 2 and int(clean.skipped_steps) == 0
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_scanned_window_equals_one_call_per_micro_step(jit):
+    accum_steps = 4
+    batches = make_batches(2 * accum_steps, batch_size=4)
+    batches[5] = poisoned(batches[5])  # a dropped micro-step inside the second window
+    optimizer = jaxmp.make_optimizer(learning_rate=1e-2, accum_steps=accum_steps, clip_norm=1.0)
+    loss_fn = lambda p, b, r: (mlp_loss(p, b, r)[0], {})  # noqa: E731
+
+    per_call = new_state(optimizer, jaxmp.DynamicLossScale(initial_scale=2.0**10))
+    step = jaxmp.make_train_step(loss_fn, optimizer, "fp32", jit=jit)
+    losses = []
+    for batch in batches:
+        per_call, metrics = step(per_call, batch)
+        losses.append(float(metrics["loss"]))
+
+    scanned = new_state(optimizer, jaxmp.DynamicLossScale(initial_scale=2.0**10))
+    window_step = jaxmp.make_train_step(loss_fn, optimizer, "fp32", jit=jit, scan_micro_steps=True)
+    scanned_losses, finite = [], []
+    for w in range(2):
+        window = batches[w * accum_steps : (w + 1) * accum_steps]
+        scanned, metrics = window_step(scanned, jax.tree.map(lambda *xs: jnp.stack(xs), *window))
+        assert metrics["loss"].shape == (accum_steps,)
+        scanned_losses += metrics["loss"].tolist()
+        finite += metrics["grads_finite"].tolist()
+
+    assert finite == [True] * 5 + [False] + [True] * 2
+    np.testing.assert_allclose(scanned_losses, losses, rtol=1e-6)
+    assert int(scanned.step) == int(per_call.step) == 8 and int(scanned.skipped_steps) == 1
+    assert float(scanned.loss_scale.loss_scale) == float(per_call.loss_scale.loss_scale) == 2.0**9
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        (scanned.params, scanned.opt_state),
+        (per_call.params, per_call.opt_state),
+    )
+
+
 def test_bf16_computes_in_bf16_while_params_and_grads_stay_fp32():
     optimizer = jaxmp.make_optimizer(learning_rate=1e-2, accum_steps=2)
     state = new_state(optimizer)
