@@ -19,7 +19,7 @@ from typing import TextIO
 
 import numpy as np
 
-from jaxmp.data import DataError
+from jaxmp.errors import DataError
 
 TEXT_COLUMNS = ("text", "sentence")  # the first of these that a file has holds the text
 LABEL_COLUMN = "label"

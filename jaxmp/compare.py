@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxmp.config import TrainConfig, UsageError, build_parser, config_from_args
+from jaxmp.config import TrainConfig, build_parser, config_from_args
+from jaxmp.errors import UsageError
 from jaxmp.precision import get_policy
 from jaxmp.scaling import NoOpLossScale, make_loss_scale
 
@@ -200,8 +201,8 @@ def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dic
       UsageError, DataError: bad input, before anything is written.
     """
     from jaxmp import plots
+    from jaxmp.files import write_text_atomically
     from jaxmp.run import TrainingStopped, run
-    from jaxmp.run_dir import write_atomically
 
     configs = _check(config, variants, out)
     rows, curves, scaled = [], {}, {}
@@ -232,8 +233,8 @@ def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dic
     plots.plot_loss_scales(scaled, out / "loss_scale.png")
     shared = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("policy", "loss_scale", "out")}
     report = {"config": shared, "policies": rows}
-    write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_atomically(out / "report.md", _markdown_report(rows, config))
+    write_text_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out / "report.md", _markdown_report(rows, config))
     return rows
 
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    from jaxmp.data import DataError
+    from jaxmp.errors import DataError
 
     now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(config.out or f"runs/compare-{now}")

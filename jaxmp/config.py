@@ -9,11 +9,7 @@ import json
 import typing
 from pathlib import Path
 
-__all__ = ["TrainConfig", "UsageError", "build_parser", "config_from_args", "FLAG_GROUPS"]
-
-
-class UsageError(ValueError):
-    """Bad input from the user: the CLI prints its one-line message and exits with status 2."""
+__all__ = ["TrainConfig", "build_parser", "config_from_args", "FLAG_GROUPS"]
 
 
 @dataclasses.dataclass(frozen=True)

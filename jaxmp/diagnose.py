@@ -59,8 +59,9 @@ def load_model_and_batches(
     import jax
 
     from jaxmp import models, serving
-    from jaxmp.config import UsageError
-    from jaxmp.data import LMDataConfig, LMDataset, load_tokenizer, pack_tokens, read_corpus
+    from jaxmp.data import LMDataConfig, LMDataset, pack_tokens, read_corpus
+    from jaxmp.errors import UsageError
+    from jaxmp.tokenizer import load_tokenizer
 
     if Path(model).is_dir():
         loaded = serving.load_model(model, "fp32")
@@ -111,9 +112,9 @@ def format_table(diagnosis: Any, top: int) -> str:
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
-    from jaxmp.run_dir import write_atomically
+    from jaxmp.files import write_text_atomically
 
-    write_atomically(path, json.dumps(record, indent=1) + "\n")
+    write_text_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     from jaxmp import diagnostics, plots, precision, scaling
-    from jaxmp.config import UsageError
-    from jaxmp.data import DataError
+    from jaxmp.errors import DataError, UsageError
 
     now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/diagnose-{Path(args.model).name}-{now}")

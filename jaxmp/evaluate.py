@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp.config import UsageError
-from jaxmp.data import DataError, LMDataConfig, load_lm_dataset
+from jaxmp.data import LMDataConfig, load_lm_dataset
+from jaxmp.errors import DataError, UsageError
+from jaxmp.files import write_text_atomically
 from jaxmp.precision import get_policy
-from jaxmp.run_dir import write_atomically
 from jaxmp.serving import LoadedModel, UsageParser, load_model, tree_bytes, with_policy
 
 __all__ = ["PolicyPerplexity", "perplexity", "evaluate_policies", "markdown_table", "main"]
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": seq_len,
             "results": [dataclasses.asdict(r) for r in results],
         }
-        write_atomically(Path(args.json), json.dumps(record, indent=2) + "\n")
+        write_text_atomically(Path(args.json), json.dumps(record, indent=2) + "\n")
     return 0
 
 

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp.config import UsageError
-from jaxmp.data import DataError, Tokenizer
+from jaxmp.errors import DataError, UsageError
 from jaxmp.models import LlamaConfig
 from jaxmp.models.layers import AttentionCache, KVCache
 from jaxmp.serving import LoadedModel, UsageParser, load_model, tree_bytes
+from jaxmp.tokenizer import Tokenizer
 
 __all__ = ["Sampling", "Generation", "init_cache", "sample_logits", "generate", "sample_text", "main"]
 

@@ -33,6 +33,7 @@ import safetensors.numpy
 import transformers
 from flax import traverse_util
 
+from jaxmp.files import atomic_write, write_text_atomically
 from jaxmp.models import registry
 from jaxmp.models.bert import BertConfig
 from jaxmp.models.gpt2 import GPT2Config
@@ -503,15 +504,6 @@ def from_pretrained(
     return model, cast_params(params, model.policy)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_pretrained(model: nn.Module, params: Any, out_dir: str | os.PathLike) -> None:
     """Writes ``config.json`` and ``model.safetensors`` that transformers loads.
 
@@ -536,9 +528,8 @@ def save_pretrained(model: nn.Module, params: Any, out_dir: str | os.PathLike) -
     hf_config.architectures = [family.architectures[config.task]]
     hf_config.dtype = np.dtype(model.policy.param_dtype).name
     directory = Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
+    atomic_write(
         directory / "model.safetensors",
-        lambda path: safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"}),
+        lambda file: file.write(safetensors.numpy.save(tensors, metadata={"format": "pt"})),
     )
-    _write_atomically(directory / "config.json", lambda path: path.write_text(hf_config.to_json_string()))
+    write_text_atomically(directory / "config.json", hf_config.to_json_string())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxmp.diagnostics import Histogram
+from jaxmp.files import atomic_write
 from jaxmp.value_stats import FP16_MAX, FP16_SMALLEST_NORMAL, FP16_SMALLEST_SUBNORMAL, LOG2_BINS
 
 __all__ = ["plot_losses", "plot_loss_scales", "plot_grad_histograms"]
@@ -27,14 +27,8 @@ _FP16_LOG2_RANGE = (float(np.log2(FP16_SMALLEST_SUBNORMAL)), float(np.log2(FP16_
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     FigureCanvasAgg(figure)
-    try:
-        figure.savefig(temporary, format="png", dpi=110)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=110))
 
 
 def _series(records: Records, key: str) -> tuple[list[int], list[float]]:

@@ -24,7 +24,8 @@ import tqdm
 
 from jaxmp import distributed, lowp, optim, precision, scaling, sharding
 from jaxmp.checkpoint import Checkpointer
-from jaxmp.config import TrainConfig, UsageError, default_run_dir
+from jaxmp.config import TrainConfig, default_run_dir
+from jaxmp.errors import UsageError
 from jaxmp.run_dir import RunDir
 from jaxmp.tasks import Task, build_task
 from jaxmp.train_step import TrainState, leaf_paths

@@ -12,19 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from jaxmp.config import TrainConfig, UsageError
+from jaxmp.config import TrainConfig
+from jaxmp.errors import UsageError
+from jaxmp.files import write_text_atomically
 
 __all__ = ["RunDir"]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class RunDir:
@@ -83,7 +75,7 @@ class RunDir:
                     target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         record = json.loads(config.to_json()) | {"identity": identity}
-        write_atomically(self.config_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(self.config_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def trim_metrics(self, last_step: int) -> None:
         """Keeps only records with ``step <= last_step`` (those the resumed checkpoint had seen)."""
@@ -94,7 +86,7 @@ class RunDir:
             for line in self.metrics_path.read_text().splitlines()
             if json.loads(line)["step"] <= last_step
         ]
-        write_atomically(self.metrics_path, "".join(line + "\n" for line in kept))
+        write_text_atomically(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as metrics:
@@ -108,4 +100,4 @@ class RunDir:
         return json.loads(lines[-1]) if lines else {}
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_atomically(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -22,9 +22,9 @@ from flax import traverse_util
 
 from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
-from jaxmp.config import UsageError
-from jaxmp.data import DataError, Tokenizer, load_tokenizer
+from jaxmp.errors import DataError, UsageError
 from jaxmp.precision import Policy, get_policy
+from jaxmp.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["UsageParser", "LoadedModel", "load_model", "with_policy", "check_float16_range", "tree_bytes"]
 

@@ -17,10 +17,12 @@ import numpy as np
 
 from jaxmp import hf, models
 from jaxmp.classify_data import load_classification_data
-from jaxmp.config import TrainConfig, UsageError
-from jaxmp.data import LMDataConfig, Tokenizer, load_lm_dataset
+from jaxmp.config import TrainConfig
+from jaxmp.data import LMDataConfig, load_lm_dataset
+from jaxmp.errors import UsageError
 from jaxmp.losses import classification_loss, lm_loss
 from jaxmp.precision import Policy
+from jaxmp.tokenizer import Tokenizer
 from jaxmp.train_step import make_eval_step
 
 __all__ = ["Task", "build_task"]

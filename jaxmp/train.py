@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from jaxmp.config import UsageError, build_parser, config_from_args
-from jaxmp.data import DataError
+from jaxmp.config import build_parser, config_from_args
+from jaxmp.errors import DataError, UsageError
 
 __all__ = ["main"]
 

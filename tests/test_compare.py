@@ -7,8 +7,8 @@ import pytest
 from matplotlib import image
 
 from jaxmp import compare
-from jaxmp.config import UsageError
 from jaxmp.diagnose import main as diagnose_main
+from jaxmp.errors import UsageError
 
 TINY = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--eval-batches", "2"]
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from jaxmp import classify_data, data
+from jaxmp import tokenizer as tokenizer_lib
 from jaxmp.classify_data import load_classification_data, read_labelled_rows
-from jaxmp.data import DataError, LMDataConfig, LMDataset, load_lm_dataset, load_tokenizer, read_corpus
+from jaxmp.data import LMDataConfig, LMDataset, load_lm_dataset, read_corpus
+from jaxmp.errors import DataError
+from jaxmp.tokenizer import ByteTokenizer, load_tokenizer
 
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 SST2_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
@@ -45,19 +48,19 @@ class CountingTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         self.calls += 1
-        return data.ByteTokenizer().encode(text)
+        return ByteTokenizer().encode(text)
 
 
 def arange_dataset(num_tokens: int, num_val: int) -> LMDataset:
     """Token i is i, so a batch shows which positions it came from."""
-    return LMDataset(np.arange(num_tokens, dtype=np.int32), num_val, data.ByteTokenizer())
+    return LMDataset(np.arange(num_tokens, dtype=np.int32), num_val, ByteTokenizer())
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
 
 
 def test_byte_round_trip():
-    tokenizer = data.ByteTokenizer()
+    tokenizer = ByteTokenizer()
     text = "Hark! Ünïcödé, 日本語 and 🤗\n"
     ids = tokenizer.encode(text)
     assert ids.dtype == np.int32
@@ -95,7 +98,7 @@ def test_bpe_training_and_cache_hit(small_corpus, tmp_path, monkeypatch):
     def no_training(*args):
         raise AssertionError("bpe retrained despite the cache")
 
-    monkeypatch.setattr(data, "_train_bpe", no_training)
+    monkeypatch.setattr(tokenizer_lib, "_train_bpe", no_training)
     mtime = cached.stat().st_mtime_ns
     again = load_tokenizer("bpe:300", small_corpus, tmp_path / "cache")
     assert again.name == tokenizer.name and cached.stat().st_mtime_ns == mtime
@@ -143,11 +146,11 @@ def test_directory_without_tokenizer_json_goes_through_transformers(tmp_path):
 
 
 def test_long_text_is_encoded_in_chunks_like_one_piece(small_corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_ENCODE_CHUNK_CHARS", 100)
+    monkeypatch.setattr(tokenizer_lib, "_ENCODE_CHUNK_CHARS", 100)
     tokenizer = load_tokenizer("bpe:300", small_corpus, tmp_path)
     (text,) = small_corpus.documents()
     whole = tokenizer.backend.encode(text, add_special_tokens=False).ids
-    assert len(list(data._chunks(text))) > 100
+    assert len(list(tokenizer_lib._chunks(text))) > 100
     np.testing.assert_array_equal(tokenizer.encode(text), whole)
 
 
