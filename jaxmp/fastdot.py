@@ -32,21 +32,11 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxmp import hardware
+
 __all__ = ["attention", "matmul", "native_low_precision_dots"]
 
 _NATIVE_ENV = "JAXMP_NATIVE_LOW_PRECISION_DOTS"
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def native_low_precision_dots(dtype: jnp.dtype) -> bool:
@@ -61,7 +51,7 @@ def native_low_precision_dots(dtype: jnp.dtype) -> bool:
     if jax.default_backend() != "cpu":
         return True
     amx_flag = {jnp.dtype(jnp.bfloat16): "amx_bf16", jnp.dtype(jnp.float16): "amx_fp16"}.get(jnp.dtype(dtype))
-    return amx_flag in _cpu_flags()
+    return amx_flag in hardware.cpu_flags()
 
 
 def _precision(dtype: jnp.dtype) -> jax.lax.DotAlgorithmPreset | None:

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
+from jaxmp import hardware
+
 __all__ = ["Policy", "get_policy", "auto_policy", "parse_dtype", "dtype_name", "FP32_ISLANDS"]
 
 _DTYPE_NAMES: Mapping[str, Any] = {
@@ -225,20 +227,13 @@ def get_policy(spec: str | Policy) -> Policy:
     return Policy(**fields, overrides=overrides)
 
 
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def auto_policy(devices: list | None = None) -> tuple[str, str]:
     """Chooses a preset for the hardware; returns ``(preset, reason)``.
 
-    bf16 where it is native (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX or
-    AVX512-BF16), fp16 (with dynamic loss scaling) on older NVIDIA GPUs, fp32 otherwise.
+    bf16 where it is fast (TPU, NVIDIA compute capability >= 8.0, CPUs with AMX-BF16),
+    fp16 (with dynamic loss scaling) on older NVIDIA GPUs, fp32 otherwise. A CPU with
+    AVX512-BF16 but no AMX gets fp32: XLA's bf16 dots run slower than its fp32 dots
+    there (81 against 134 GFLOP/s, BENCHMARKS.md), so bf16 would cost time and precision.
     """
     device = (devices or jax.devices())[0]
     if device.platform == "tpu":
@@ -254,6 +249,8 @@ def auto_policy(devices: list | None = None) -> tuple[str, str]:
             "fp16",
             f"{device.device_kind} has compute capability {capability} < 8.0: float16 with loss scaling",
         )
-    if device.platform == "cpu" and _cpu_has_native_bf16():
-        return "bf16", "the CPU has AMX-BF16 or AVX512-BF16 instructions"
-    return "fp32", f"{device.platform} has no native reduced-precision matmul"
+    if device.platform == "cpu" and "amx_bf16" in hardware.cpu_flags():
+        return "bf16", "the CPU has AMX-BF16 matrix units"
+    if device.platform == "cpu" and "avx512_bf16" in hardware.cpu_flags():
+        return "fp32", "the CPU has AVX512-BF16 but no AMX: its bfloat16 matmuls are slower than float32"
+    return "fp32", f"{device.platform} has no fast reduced-precision matmul"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmp import fastdot, models
+from jaxmp import fastdot, hardware, models
 from jaxmp.losses import lm_loss
 from jaxmp.models import layers
 
@@ -103,7 +103,7 @@ def test_native_low_precision_dots_choice(env, backend, flags, expected, monkeyp
     else:
         monkeypatch.setenv("JAXMP_NATIVE_LOW_PRECISION_DOTS", env)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(fastdot, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
     assert fastdot.native_low_precision_dots(jnp.bfloat16) is expected
 
 

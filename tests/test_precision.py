@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxmp
-from jaxmp import precision
+from jaxmp import hardware
 from jaxmp.precision import auto_policy
 
 F32, BF16, F16 = np.dtype("float32"), np.dtype(jnp.bfloat16), np.dtype("float16")
@@ -41,18 +41,19 @@ class FakeDevice:
 
 
 @pytest.mark.parametrize(
-    "device, cpu_bf16, expected",
+    "device, cpu_flags, expected",
     [
-        (FakeDevice("tpu", "TPU v4"), False, "bf16"),
-        (FakeDevice("gpu", "NVIDIA H100", "9.0"), False, "bf16"),
-        (FakeDevice("gpu", "NVIDIA A100", "8.0"), False, "bf16"),
-        (FakeDevice("gpu", "Tesla V100", "7.0"), False, "fp16"),
-        (FakeDevice("cpu"), True, "bf16"),
-        (FakeDevice("cpu"), False, "fp32"),
+        (FakeDevice("tpu", "TPU v4"), set(), "bf16"),
+        (FakeDevice("gpu", "NVIDIA H100", "9.0"), set(), "bf16"),
+        (FakeDevice("gpu", "NVIDIA A100", "8.0"), set(), "bf16"),
+        (FakeDevice("gpu", "Tesla V100", "7.0"), set(), "fp16"),
+        (FakeDevice("cpu"), {"avx512_bf16", "amx_tile", "amx_bf16"}, "bf16"),
+        (FakeDevice("cpu"), {"avx512f", "avx512_bf16"}, "fp32"),  # bf16 dots slower than fp32 without AMX
+        (FakeDevice("cpu"), {"avx2"}, "fp32"),
     ],
 )
-def test_auto_picks_for_the_hardware_and_says_why(monkeypatch, device, cpu_bf16, expected):
-    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: cpu_bf16)
+def test_auto_picks_for_the_hardware_and_says_why(monkeypatch, device, cpu_flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(cpu_flags))
     preset, reason = auto_policy([device])
     assert preset == expected
     assert reason and (device.device_kind in reason or "CPU" in reason or "cpu" in reason)
