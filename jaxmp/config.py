@@ -29,6 +29,7 @@ class TrainConfig:
     eval_data: str | None = None  # validation file (classify); lm holds out the corpus' tail
     tokenizer: str = "byte"  # byte | bpe:N | tokenizer.json | HF tokenizer dir (lm; classify uses --init)
     seq_len: int = 64  # tokens per sequence (classify: max length after truncation)
+    pad_multiple: int = 16  # classify: pad a batch to its longest row, rounded up to this (0: to --seq-len)
     # optimization
     steps: int = 400  # optimizer updates; each takes accum_steps micro-batches
     batch_size: int = 32  # sequences per micro-batch
@@ -67,7 +68,7 @@ class TrainConfig:
 
 FLAG_GROUPS = {
     "model and precision": ("model", "policy", "task", "init", "loss_scale", "param_update", "moment_dtype"),
-    "data": ("data", "eval_data", "tokenizer", "seq_len"),
+    "data": ("data", "eval_data", "tokenizer", "seq_len", "pad_multiple"),
     "optimization": (
         "steps",
         "batch_size",

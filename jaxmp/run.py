@@ -54,7 +54,14 @@ def check_config(config: TrainConfig) -> precision.Policy:
     for name in ("steps", "batch_size", "accum_steps", "seq_len", "log_every", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("warmup_steps", "eval_every", "save_every", "eval_batches", "max_consecutive_skips"):
+    for name in (
+        "warmup_steps",
+        "eval_every",
+        "save_every",
+        "eval_batches",
+        "max_consecutive_skips",
+        "pad_multiple",
+    ):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not config.lr > 0:

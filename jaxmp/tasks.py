@@ -40,7 +40,8 @@ class Task:
       loss_fn: ``(params, batch, rng) -> (fp32 loss, aux)`` for ``make_train_step``.
       batch: micro-step -> training batch, a pure function of ``(seed, micro-step)``.
       evaluate: params -> ``{"val_loss": float}`` (+ ``"val_accuracy"`` for classify).
-      tokens_per_batch: tokens in one micro-batch (for tokens/s).
+      tokens_per_batch: tokens in one micro-batch (for tokens/s; classify: batch x --seq-len, as if
+        every row were padded to it).
       identity: what must not change across ``--resume`` (model, tokenizer, task).
       tokenizer: the LM tokenizer (None for classify).
     """
@@ -146,8 +147,9 @@ def _classify_task(config: TrainConfig, policy: Policy) -> Task:
         raise UsageError(
             "--task classify needs --data TRAIN_FILE and --eval-data DEV_FILE (.tsv, .csv or .jsonl)"
         )
-    train = load_classification_data(config.data, config.init, max_length=config.seq_len)
-    dev = load_classification_data(config.eval_data, config.init, max_length=config.seq_len)
+    lengths = {"max_length": config.seq_len, "pad_multiple": config.pad_multiple}
+    train = load_classification_data(config.data, config.init, **lengths)
+    dev = load_classification_data(config.eval_data, config.init, **lengths)
     num_labels = max(train.num_labels, dev.num_labels)
     model, params = _load_pretrained(config, policy, "classify", num_labels=num_labels)
     if config.seq_len > model.config.max_positions:

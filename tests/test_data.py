@@ -396,3 +396,25 @@ def test_train_batches_shuffle_each_epoch_deterministically():
         np.array_equal(examples.batch(1, step, 2)["labels"], stream[2 * step : 2 * step + 2])
         for step in range(10)
     )
+
+
+def test_pad_multiple_cuts_batches_to_their_longest_row_only():
+    if not SST2_DEV.is_file():
+        pytest.skip(f"{SST2_DEV} not present")
+    full = load_classification_data(SST2_DEV, minilm_dir(), max_length=64)
+    cut = dataclasses.replace(full, pad_multiple=16)
+    lengths = set()
+    for step in range(20):
+        whole, short = full.batch(0, step, 32), cut.batch(0, step, 32)
+        length = short["input_ids"].shape[1]
+        longest = int(whole["attention_mask"].sum(axis=1).max())  # right-padded: real tokens come first
+        assert length % 16 == 0 and longest <= length < longest + 16 and length <= 64
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            np.testing.assert_array_equal(short[key], whole[key][:, :length])
+            assert not whole["attention_mask"][:, length:].any()  # only padding was cut
+        np.testing.assert_array_equal(short["labels"], whole["labels"])
+        lengths.add(length)
+    assert len(lengths) > 1 and min(lengths) < 64  # the test sees real cuts of different lengths
+    evaluated = list(cut.eval_batches(32))
+    assert sum(int(b["weight"].sum()) for b in evaluated) == len(full)
+    assert {b["input_ids"].shape[1] for b in evaluated} <= {16, 32, 48, 64}

@@ -148,6 +148,19 @@ def test_padding_contents_do_not_change_real_tokens(name):
     np.testing.assert_array_equal(first[0], second[0])
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cutting_trailing_padding_columns_changes_no_real_token(name):
+    """What classification batches cut to their longest row (``pad_multiple``) rely on."""
+    model, params = _small(name, task="none")
+    ids = _ids()
+    mask = jnp.array([[1] * 6 + [0] * 4, [1] * 4 + [0] * 6])
+    apply = _jit_apply(model)
+    full = apply({"params": params}, ids, attention_mask=mask).last_hidden_state
+    cut = apply({"params": params}, ids[:, :6], attention_mask=mask[:, :6]).last_hidden_state
+    np.testing.assert_allclose(cut[0], full[0, :6], atol=1e-6)
+    np.testing.assert_allclose(cut[1, :4], full[1, :4], atol=1e-6)
+
+
 @pytest.mark.parametrize(("name", "jit"), [("gpt2-tiny", False), ("bert-tiny", True), ("llama-tiny", True)])
 def test_scanned_and_rematerialised_layers_compute_the_same_function(name, jit):
     model, params = _small(name)

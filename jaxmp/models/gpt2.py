@@ -13,7 +13,6 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxmp.models.layers import (
     ACTIVATIONS,
@@ -26,9 +25,8 @@ from jaxmp.models.layers import (
     LogitsHead,
     ModelOutput,
     PolicyModule,
-    apply_blocks,
-    apply_cached_blocks,
-    make_attention_mask,
+    apply_decoder_blocks,
+    causal_positions_and_mask,
 )
 from jaxmp.precision import Policy
 
@@ -153,38 +151,18 @@ class GPT2(nn.Module):
         length = input_ids.shape[1]
         if length > c.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_positions {c.max_positions}")
-        if cache is not None and c.scan_layers:
-            raise ValueError("decoding with a KV cache needs scan_layers=False (see unstack_layer_params)")
         token_embed = Embed(self.policy, c.vocab_size, c.d_model, c.initializer_range, name="token_embed")
         position_embed = Embed(
             self.policy, c.max_positions, c.d_model, c.initializer_range, name="position_embed"
         )
-        if cache is None:
-            positions_BxL = jnp.arange(length)[None, :]
-            mask = make_attention_mask(attention_mask, length, causal=True)
-        else:
-            positions_BxL, mask, cache = cache.advance(attention_mask, length)
+        positions_BxL, mask, cache = causal_positions_and_mask(attention_mask, length, cache)
         x_BxLxD = token_embed(input_ids) + position_embed(positions_BxL)
         if token_type_ids is not None:
             x_BxLxD = x_BxLxD + token_embed(token_type_ids)
         x_BxLxD = nn.Dropout(c.dropout_rate)(x_BxLxD, deterministic=deterministic)
-        block_kwargs = {"policy": self.policy, "config": c}
-        if cache is None:
-            x_BxLxD = apply_blocks(
-                GPT2Block,
-                block_kwargs,
-                x_BxLxD,
-                mask,
-                deterministic,
-                n_layers=c.n_layers,
-                remat=c.remat,
-                scan_layers=c.scan_layers,
-            )
-        else:
-            x_BxLxD, layers = apply_cached_blocks(
-                GPT2Block, block_kwargs, x_BxLxD, mask, positions_BxL, cache.layers
-            )
-            cache = cache.replace(layers=layers)
+        x_BxLxD, cache = apply_decoder_blocks(
+            GPT2Block, c, self.policy, x_BxLxD, mask, positions_BxL, deterministic, cache
+        )
         h_BxLxD = LayerNorm(self.policy, c.layer_norm_eps, name="final_norm")(x_BxLxD)
         logits = None
         if c.task == "lm":

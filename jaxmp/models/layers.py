@@ -49,7 +49,8 @@ __all__ = [
     "ACTIVATIONS",
     "make_attention_mask",
     "apply_blocks",
-    "apply_cached_blocks",
+    "apply_decoder_blocks",
+    "causal_positions_and_mask",
 ]
 
 ACTIVATIONS = {
@@ -583,22 +584,56 @@ def apply_blocks(
     return x_BxLxD
 
 
-def apply_cached_blocks(
-    block_cls: type[nn.Module],
-    block_kwargs: dict[str, Any],
-    x_BxLxD: jax.Array,
-    mask_Bx1xLxS: jax.Array,
-    positions_BxL: jax.Array,
-    caches: tuple[AttentionCache, ...],
-) -> tuple[jax.Array, tuple[AttentionCache, ...]]:
-    """Runs blocks ``blocks_0 .. blocks_{n-1}`` for decoding, one :class:`AttentionCache` each.
+def causal_positions_and_mask(
+    attention_mask_BxL: jax.Array | None, length: int, cache: KVCache | None
+) -> tuple[jax.Array, jax.Array | None, KVCache | None]:
+    """Positions ``[B or 1, L]`` and attention mask of a causal decoder's ``length`` new tokens.
 
-    A block is ``block_cls(**block_kwargs)(x, mask, True, positions, cache) -> (x, cache)``
-    (inference: deterministic, no remat). Returns the output and the advanced caches.
+    Without ``cache``: positions ``0..L-1`` and the causal mask over them. With it: the positions
+    after each row's real tokens, the mask over every slot, and the cache that includes the new tokens
+    (:meth:`KVCache.advance`).
     """
+    if cache is None:
+        return jnp.arange(length)[None, :], make_attention_mask(attention_mask_BxL, length, causal=True), None
+    return cache.advance(attention_mask_BxL, length)
+
+
+def apply_decoder_blocks(
+    block_cls: type[nn.Module],
+    config: Any,
+    policy: Policy,
+    x_BxLxD: jax.Array,
+    mask: jax.Array | None,
+    positions_BxL: jax.Array,
+    deterministic: bool,
+    cache: KVCache | None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs a causal decoder's ``config.n_layers`` blocks from inside its compact ``__call__``.
+
+    A block is ``block_cls(policy=policy, config=config)``. Without ``cache`` this is
+    :func:`apply_blocks` (``config.remat`` and ``config.scan_layers`` apply). With it (decoding:
+    deterministic, no remat, ``scan_layers`` must be off) each block ``blocks_i`` is called as
+    ``block(x, mask, True, positions, layer_cache) -> (x, layer_cache)``. Returns the output and the
+    cache with every layer advanced (None without one).
+    """
+    block_kwargs = {"policy": policy, "config": config}
+    if cache is None:
+        x_BxLxD = apply_blocks(
+            block_cls,
+            block_kwargs,
+            x_BxLxD,
+            mask,
+            deterministic,
+            n_layers=config.n_layers,
+            remat=config.remat,
+            scan_layers=config.scan_layers,
+        )
+        return x_BxLxD, None
+    if config.scan_layers:
+        raise ValueError("decoding with a KV cache needs scan_layers=False (see unstack_layer_params)")
     advanced = []
-    for layer, cache in enumerate(caches):
+    for layer, layer_cache in enumerate(cache.layers):
         block = block_cls(**block_kwargs, name=f"blocks_{layer}")
-        x_BxLxD, cache = block(x_BxLxD, mask_Bx1xLxS, True, positions_BxL, cache)
-        advanced.append(cache)
-    return x_BxLxD, tuple(advanced)
+        x_BxLxD, layer_cache = block(x_BxLxD, mask, True, positions_BxL, layer_cache)
+        advanced.append(layer_cache)
+    return x_BxLxD, cache.replace(layers=tuple(advanced))

@@ -23,9 +23,8 @@ from jaxmp.models.layers import (
     RMSNorm,
     RopeScaling,
     SwiGLU,
-    apply_blocks,
-    apply_cached_blocks,
-    make_attention_mask,
+    apply_decoder_blocks,
+    causal_positions_and_mask,
 )
 from jaxmp.precision import Policy
 
@@ -145,29 +144,13 @@ class Llama(nn.Module):
         """
         if token_type_ids is not None:
             raise ValueError("Llama has no token types; pass token_type_ids=None")
-        if cache is not None and self.config.scan_layers:
-            raise ValueError("decoding with a KV cache needs scan_layers=False (see unstack_layer_params)")
         c = self.config
         length = input_ids.shape[1]
         token_embed = Embed(self.policy, c.vocab_size, c.d_model, c.initializer_range, name="token_embed")
-        block_kwargs = {"policy": self.policy, "config": c}
-        if cache is None:
-            x_BxLxD = apply_blocks(
-                LlamaBlock,
-                block_kwargs,
-                token_embed(input_ids),
-                make_attention_mask(attention_mask, length, causal=True),
-                deterministic,
-                n_layers=c.n_layers,
-                remat=c.remat,
-                scan_layers=c.scan_layers,
-            )
-        else:
-            positions_BxL, mask, cache = cache.advance(attention_mask, length)
-            x_BxLxD, layers = apply_cached_blocks(
-                LlamaBlock, block_kwargs, token_embed(input_ids), mask, positions_BxL, cache.layers
-            )
-            cache = cache.replace(layers=layers)
+        positions_BxL, mask, cache = causal_positions_and_mask(attention_mask, length, cache)
+        x_BxLxD, cache = apply_decoder_blocks(
+            LlamaBlock, c, self.policy, token_embed(input_ids), mask, positions_BxL, deterministic, cache
+        )
         h_BxLxD = RMSNorm(self.policy, c.rms_norm_eps, name="final_norm")(x_BxLxD)
         logits = None
         if c.task == "lm":
