@@ -76,6 +76,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([*data, "--steps", "0"], "--steps"),
         ([*data, "--batch-size", "0"], "--batch-size"),
         ([*data, "--accum-steps", "0"], "--accum-steps"),
+        ([*data, "--pad-multiple", "-16"], "--pad-multiple"),
         ([*data, "--seq-len", "4096"], "4096"),
         ([*data, "--out", str(existing)], "--resume"),
         ([*data, "--loss-scale", "static:-1"], "static"),
