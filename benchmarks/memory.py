@@ -14,6 +14,7 @@ the arguments). ``--shapes`` are batch x sequence length; at 1024 tokens the att
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +38,19 @@ def _state_shapes(model, policy: str, seq_len: int, accum_steps: int):
     return optimizer, jax.eval_shape(create)
 
 
-def measure(preset: str, policy: str, batch_size: int, seq_len: int) -> dict:
-    model = models.get_model(preset, policy)
+def measure(preset: str, policy: str, batch_size: int, seq_len: int, **model_options) -> dict:
+    """State bytes per parameter and the compiled step's memory (and compile time) for one case;
+    ``model_options`` are model config fields such as ``scan_layers=True``."""
+    model = models.get_model(preset, policy, **model_options)
     _, state8 = _state_shapes(model, policy, seq_len, accum_steps=8)
     optimizer, state = _state_shapes(model, policy, seq_len, accum_steps=1)
     batch = {
         name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for name in ("input_ids", "targets")
     }
     step = jaxmp.make_train_step(lm_loss_fn(model), optimizer, policy, cast_params=False)
+    start = time.perf_counter()
     stats = step.lower(state, batch).compile().memory_analysis()
+    compile_seconds = time.perf_counter() - start
     return {
         "model": preset,
         "policy": policy,
@@ -59,6 +64,7 @@ def measure(preset: str, policy: str, batch_size: int, seq_len: int) -> dict:
         "alias_bytes": stats.alias_size_in_bytes,
         "temp_bytes": stats.temp_size_in_bytes,
         "peak_bytes": stats.peak_memory_in_bytes,
+        "compile_seconds": compile_seconds,
     }
 
 
