@@ -18,7 +18,7 @@ import optax
 
 from jaxmp.optim import current_learning_rate
 from jaxmp.precision import Policy, get_policy
-from jaxmp.scaling import LossScale, NoOpLossScale, all_finite
+from jaxmp.scaling import LossScale, NoOpLossScale
 
 __all__ = ["TrainState", "make_train_step", "make_eval_step", "first_nonfinite_leaf", "leaf_paths"]
 
@@ -74,17 +74,32 @@ def leaf_paths(tree: Any) -> list[str]:
     ]
 
 
+def _gradient_checks(grads: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Finiteness and zeros of a gradient tree, reading each leaf once.
+
+    Each leaf is reduced to one fp32 sum: 1 for an exact zero, +inf for a non-finite value, so a
+    non-finite sum flags the leaf and a finite one counts its zeros. (Three separate reductions, as
+    ``all_finite`` plus a zero count would make, cost 3-4% of a gpt2-tiny bf16 step each on CPU.)
+
+    Returns:
+      bool scalar, every value finite; int32 scalar, index (in ``jax.tree.leaves`` order) of the
+      first leaf with a non-finite value, or -1; fp32 scalar, the fraction of values that are
+      exactly zero (non-finite leaves count as having none).
+    """
+    leaves = jax.tree.leaves(grads)
+    sums = jnp.stack(
+        [jnp.sum(jnp.where(jnp.isfinite(g), (g == 0).astype(jnp.float32), jnp.inf)) for g in leaves]
+    )
+    nonfinite = ~jnp.isfinite(sums)
+    any_nonfinite = nonfinite.any()
+    first = jnp.where(any_nonfinite, jnp.argmax(nonfinite), -1).astype(jnp.int32)
+    zero_fraction = jnp.where(nonfinite, 0.0, sums).sum() / sum(g.size for g in leaves)
+    return ~any_nonfinite, first, zero_fraction
+
+
 def first_nonfinite_leaf(tree: Any) -> jax.Array:
     """int32 index (in ``jax.tree.leaves`` order) of the first leaf with a non-finite value, or -1."""
-    flags = jnp.stack([~jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)])
-    return jnp.where(flags.any(), jnp.argmax(flags), -1).astype(jnp.int32)
-
-
-def _zero_fraction(grads: Any) -> jax.Array:
-    """Fraction of gradient values that are exactly zero (fp32 scalar)."""
-    leaves = jax.tree.leaves(grads)
-    zeros = sum(jnp.sum(leaf == 0, dtype=jnp.float32) for leaf in leaves)
-    return zeros / sum(leaf.size for leaf in leaves)
+    return _gradient_checks(tree)[1]
 
 
 def make_train_step(
@@ -148,7 +163,7 @@ def make_train_step(
 
         scaled_grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(state.params)
         grads = state.loss_scale.unscale(scaled_grads)  # fp32
-        grads_finite = all_finite(grads)
+        grads_finite, nonfinite_leaf, zero_fraction = _gradient_checks(grads)
 
         def apply_update(params_and_opt_state):
             params, opt_state = params_and_opt_state
@@ -174,8 +189,8 @@ def make_train_step(
             "grads_finite": grads_finite,
             "skipped_steps": new_state.skipped_steps,
             "learning_rate": current_learning_rate(new_state.opt_state),
-            "grad_zero_fraction": _zero_fraction(grads),
-            "nonfinite_leaf": first_nonfinite_leaf(grads),
+            "grad_zero_fraction": zero_fraction,
+            "nonfinite_leaf": nonfinite_leaf,
             "aux": aux,
         }
         return new_state, metrics

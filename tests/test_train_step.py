@@ -268,3 +268,24 @@ def test_cast_params_false_leaves_params_to_the_model():
 def test_accum_steps_below_one_is_refused():
     with pytest.raises(ValueError, match="accum_steps"):
         jaxmp.make_optimizer(accum_steps=0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_gradient_checks_count_zeros_and_find_the_first_non_finite_leaf(jit):
+    from jaxmp.train_step import _gradient_checks
+
+    checks = jax.jit(_gradient_checks) if jit else _gradient_checks
+    rng = np.random.default_rng(0)
+    leaves = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3)]
+    leaves[0][0, :3] = 0.0
+    leaves[2][1, 1] = 0.0
+    finite, first, zeros = checks({"a": leaves[0], "b": leaves[1], "c": leaves[2]})
+    assert bool(finite) and int(first) == -1
+    assert float(zeros) == pytest.approx(4 / 36)
+    for bad in (np.inf, -np.inf, np.nan):
+        broken = [leaf.copy() for leaf in leaves]
+        broken[1][2, 3] = bad
+        broken[2][0, 0] = bad
+        finite, first, zeros = checks({"a": broken[0], "b": broken[1], "c": broken[2]})
+        assert not bool(finite) and int(first) == 1
+        assert float(zeros) == pytest.approx(3 / 36)  # the non-finite leaves count no zeros
