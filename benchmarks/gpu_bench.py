@@ -12,12 +12,14 @@ within the time box) on one device:
   overrides the built-in table);
 * the step-time ratio bf16 : TF32 : strict fp32 (the fp32 policy compiled under
   ``jax.default_matmul_precision("tensorfloat32")`` and ``("float32")``);
-* fp16 with dynamic loss scaling against fp16 without, the cost of scaling.
+* fp16 with dynamic loss scaling against fp16 without, the cost of scaling;
+* each variant's compiled temporary memory (``memory_analysis``), where bf16 activations should
+  take about half of fp32's (on CPU they do not: BENCHMARKS.md section 5).
 
 Candidates are compiled first, then timed in interleaved rounds of ``--steps`` steps each. A
 section that would start after ``--budget-s`` seconds is skipped, and a variant that fails (out of
-memory: attention probabilities are materialised, so fp32 at batch 8 x 1024 wants tens of GiB; use
-``--batch-size 4`` on a 40 GiB card) is reported, not fatal.
+memory: fp32 at batch 8 x 1024 wants tens of GiB; use ``--batch-size 4`` on a 40 GiB card) is
+reported, not fatal.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class Candidate:
             start = time.perf_counter()
             self.compiled = step.lower(self.state, batch).compile()
             self.compile_seconds = time.perf_counter() - start
+        stats = self.compiled.memory_analysis()  # None where the backend does not report it
+        self.temp_bytes = stats.temp_size_in_bytes if stats is not None else None
         self.batch = batch
         self.seconds: list[float] = []
         self.run(1)
@@ -148,7 +152,7 @@ def main() -> None:
         },
     }
     flops = flops_per_token(config)
-    seconds, compile_seconds, skipped, failed = {}, {}, [], {}
+    seconds, compile_seconds, temp_bytes, skipped, failed = {}, {}, {}, [], {}
     for section, variants in sections.items():
         if time.perf_counter() - started > args.budget_s:
             skipped.append(section)
@@ -158,6 +162,7 @@ def main() -> None:
             try:  # e.g. out of memory for this variant: report it and go on
                 candidates[name] = Candidate(config, policy, batch, precision, loss_scale)
                 compile_seconds[name] = candidates[name].compile_seconds
+                temp_bytes[name] = candidates[name].temp_bytes
             except jax.errors.JaxRuntimeError as error:
                 failed[name] = str(error).splitlines()[0][:300]
         seconds.update(time_round_robin(candidates, args.rounds, args.steps))
@@ -176,6 +181,7 @@ def main() -> None:
                 f"{tflops:.1f}",
                 mfu,
                 ratio,
+                f"{temp_bytes[name] / 2**30:.2f}" if temp_bytes[name] is not None else "n/a",
             )
         )
     results = {
@@ -187,6 +193,7 @@ def main() -> None:
         "flops_per_token": flops,
         "step_seconds": seconds,
         "compile_seconds": compile_seconds,
+        "temp_bytes": temp_bytes,
         "tokens_per_second": {name: tokens / s for name, s in seconds.items()},
         "mfu": {name: tokens / s * flops / 1e12 / peak for name, s in seconds.items()} if peak else None,
         "skipped_sections": skipped,
@@ -197,7 +204,16 @@ def main() -> None:
     }
     if "fp16 dynamic" in seconds and "fp16 none" in seconds:
         results["loss_scaling_overhead"] = seconds["fp16 dynamic"] / seconds["fp16 none"] - 1
-    headers = ("variant", "compile s", "step ms", "tokens/s", "model TFLOP/s", "MFU", "step time vs bf16")
+    headers = (
+        "variant",
+        "compile s",
+        "step ms",
+        "tokens/s",
+        "model TFLOP/s",
+        "MFU",
+        "step time vs bf16",
+        "XLA temp GiB",
+    )
     print(f"## GPU: {preset} {batch_size}x{seq_len} on {device_kind} (peak {peak} TFLOP/s bf16)\n")
     print(markdown_table(headers, rows))
     if "loss_scaling_overhead" in results:
