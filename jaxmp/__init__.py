@@ -1,6 +1,8 @@
 """jaxmp: mixed-precision training and inference of language models in JAX/Flax."""
 
-from jaxmp import generate, hf, lowp, models, sharding
+import importlib
+
+from jaxmp import lowp, models, sharding
 from jaxmp.optim import make_optimizer, make_schedule
 from jaxmp.precision import Policy, auto_policy, get_policy
 from jaxmp.scaling import (
@@ -14,6 +16,18 @@ from jaxmp.scaling import (
 from jaxmp.train_step import TrainState, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
+
+# Imported on first use: ``hf`` pulls in transformers, and an eager ``generate`` makes
+# ``python -m jaxmp.generate`` warn that the module was imported before it ran.
+_LAZY_MODULES = ("generate", "hf")
+
+
+def __getattr__(name: str):
+    """Imports the lazy submodules on first access (``jaxmp.hf``, ``jaxmp.generate``)."""
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"jaxmp.{name}")
+    raise AttributeError(f"module 'jaxmp' has no attribute {name!r}")
+
 
 __all__ = [
     "generate",

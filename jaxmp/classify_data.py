@@ -27,6 +27,7 @@ TEXT_COLUMNS = ("text", "sentence")  # the first of these that a file has holds 
 LABEL_COLUMN = "label"
 _SUFFIXES = ".tsv, .csv or .jsonl"
 _INTEGER = re.compile(r"\s*[0-9]+\s*")
+_MAX_LABELS = 2**31 - 1  # labels are int32, and so is num_labels (one more than the largest)
 _CLASSIFY_STREAM = 0x434C  # "CL": mixed into the shuffle key so other data streams never share its draws
 
 
@@ -196,8 +197,9 @@ def _label(path: Path, line: int, value: str | int, num_labels: int | None) -> i
     if isinstance(value, str) and not _INTEGER.fullmatch(value):
         raise DataError(f"{path}:{line}: label {value!r} is not an integer; labels must be 0, 1, 2, ...")
     label = int(value)
-    if label < 0 or (num_labels is not None and label >= num_labels):
-        raise DataError(f"{path}:{line}: label {label} is outside [0, {num_labels or 'num_labels'})")
+    limit = _MAX_LABELS if num_labels is None else min(num_labels, _MAX_LABELS)
+    if not 0 <= label < limit:
+        raise DataError(f"{path}:{line}: label {label} is outside [0, {num_labels or limit})")
     return label
 
 
@@ -206,7 +208,8 @@ def _tsv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    return _delimited_rows(path)
+    # strict: a quote left open is an error, rather than a field that runs to the end of the file
+    return _delimited_rows(path, strict=True)
 
 
 def _delimited_rows(path: Path, **dialect) -> Iterator[tuple[int, dict[str, str]]]:
@@ -223,8 +226,13 @@ def _delimited_rows(path: Path, **dialect) -> Iterator[tuple[int, dict[str, str]
                         f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}"
                     )
                 yield reader.line_num, dict(zip(header, row, strict=True))
-        except (UnicodeDecodeError, csv.Error) as error:
+        except UnicodeDecodeError as error:
             raise DataError(f"{path}: cannot parse ({error}); expected UTF-8 {path.suffix[1:]}") from None
+        except csv.Error as error:
+            raise DataError(
+                f"{path}:{reader.line_num}: cannot parse ({error}); expected {path.suffix[1:]} rows "
+                "whose quoted fields are closed"
+            ) from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jaxmp.cli import run_cli
 from jaxmp.config import TrainConfig, build_parser, config_from_args
 from jaxmp.errors import UsageError
 from jaxmp.precision import get_policy
@@ -35,6 +36,7 @@ from jaxmp.scaling import NoOpLossScale, make_loss_scale
 
 __all__ = ["Variant", "parse_policies", "compare", "markdown_table", "main"]
 
+_PROG = "python -m jaxmp.compare"
 DEFAULT_POLICIES = ("fp32", "bf16", "fp16", "fp16-noscale", "pure-bf16")
 
 
@@ -269,7 +271,11 @@ def _markdown_report(rows: list[dict], config: TrainConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (2 for bad input)."""
-    parser = build_parser("python -m jaxmp.compare", __doc__.splitlines()[0])
+    return run_cli(_PROG, _compare_cli, argv)
+
+
+def _compare_cli(argv: list[str] | None) -> int:
+    parser = build_parser(_PROG, __doc__.splitlines()[0])
     parser.epilog = (
         "--out is the report directory (default runs/compare-<time>); policy NAME trains into --out/NAME."
     )
@@ -281,15 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    from jaxmp.errors import DataError
-
     now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(config.out or f"runs/compare-{now}")
-    try:
-        rows = compare(config, parse_policies(args.policies, config.loss_scale), out)
-    except (UsageError, DataError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    rows = compare(config, parse_policies(args.policies, config.loss_scale), out)
     print(markdown_table(rows))
     print(f"report: {out / 'report.md'}")
     return 0

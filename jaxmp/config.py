@@ -9,6 +9,8 @@ import json
 import typing
 from pathlib import Path
 
+from jaxmp.cli import UsageParser
+
 __all__ = ["TrainConfig", "build_parser", "config_from_args", "FLAG_GROUPS"]
 
 
@@ -111,16 +113,11 @@ def _field_comments() -> dict[str, str]:
     return comments
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(
     prog: str = "python -m jaxmp.train", description: str | None = None
 ) -> argparse.ArgumentParser:
     """An argparse parser with one flag per ``TrainConfig`` field, grouped, defaults shown."""
-    parser = _Parser(
+    parser = UsageParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     comments = _field_comments()

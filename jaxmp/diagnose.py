@@ -15,20 +15,21 @@ import argparse
 import datetime
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxmp.cli import UsageParser, check_output_file, run_cli
+from jaxmp.errors import UsageError
+
 __all__ = ["main", "load_model_and_batches", "format_table"]
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+_PROG = "python -m jaxmp.diagnose"
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m jaxmp.diagnose",
+    parser = UsageParser(
+        prog=_PROG,
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -60,9 +61,11 @@ def load_model_and_batches(
 
     from jaxmp import models, serving
     from jaxmp.data import LMDataConfig, LMDataset, pack_tokens, read_corpus
-    from jaxmp.errors import UsageError
     from jaxmp.tokenizer import load_tokenizer
 
+    if min(batches, batch_size, seq_len) < 1:
+        raise UsageError("--batches, --batch-size and --seq-len must be >= 1")
+    corpus = read_corpus(data)  # DataError before the model is loaded
     if Path(model).is_dir():
         loaded = serving.load_model(model, "fp32")
         flax_model, params, tokenizer = loaded.model, loaded.params, loaded.tokenizer
@@ -81,11 +84,9 @@ def load_model_and_batches(
         raise UsageError(
             f"--seq-len {seq_len} is beyond the model's {flax_model.config.max_positions} positions"
         )
-    if min(batches, batch_size, seq_len) < 1:
-        raise UsageError("--batches, --batch-size and --seq-len must be >= 1")
     if params is None:
         params = models.init_params(flax_model, jax.random.key(seed), seq_len)
-    tokens_N = pack_tokens(read_corpus(data), tokenizer, LMDataConfig().cache_dir)
+    tokens_N = pack_tokens(corpus, tokenizer, LMDataConfig().cache_dir)
     dataset = LMDataset(tokens_N, int(len(tokens_N) * LMDataConfig().val_fraction), tokenizer)
     return flax_model, params, [dataset.batch(seed, step, batch_size, seq_len) for step in range(batches)]
 
@@ -117,36 +118,41 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     write_text_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Raises ``UsageError`` unless ``out`` can take diagnostics.json and grad_hist.png."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    for name in ("diagnostics.json", "grad_hist.png"):
+        if (out / name).exists() and not overwrite:
+            raise UsageError(f"{out / name} exists; choose another --out or pass --overwrite")
+    check_output_file(out / "diagnostics.json", "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (2 for bad input)."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    return run_cli(_PROG, _diagnose_cli, argv)
+
+
+def _diagnose_cli(argv: Sequence[str] | None) -> int:
+    args = _build_parser().parse_args(argv)
     from jaxmp import diagnostics, plots, precision, scaling
-    from jaxmp.errors import DataError, UsageError
 
     now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/diagnose-{Path(args.model).name}-{now}")
+    _check_out(out, args.overwrite)
     try:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file; give a directory")
-        if (out / "diagnostics.json").exists() and not args.overwrite:
-            raise UsageError(f"{out / 'diagnostics.json'} exists; choose another --out or pass --overwrite")
-        try:
-            policy = precision.get_policy(args.policy)
-            scaling.make_loss_scale(args.loss_scale, policy)
-        except ValueError as error:
-            raise UsageError(f"--policy/--loss-scale: {error}") from None
-        model, params, batches = load_model_and_batches(
-            args.model,
-            args.data,
-            seed=args.seed,
-            batches=args.batches,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-        )
-    except (UsageError, DataError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+        policy = precision.get_policy(args.policy)
+        scaling.make_loss_scale(args.loss_scale, policy)
+    except ValueError as error:
+        raise UsageError(f"--policy/--loss-scale: {error}") from None
+    model, params, batches = load_model_and_batches(
+        args.model,
+        args.data,
+        seed=args.seed,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+    )
     diagnosis = diagnostics.diagnose(model, params, policy, batches, loss_scale=args.loss_scale)
     out.mkdir(parents=True, exist_ok=True)
     record = {

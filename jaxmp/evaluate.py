@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp.data import LMDataConfig, load_lm_dataset
-from jaxmp.errors import DataError, UsageError
+from jaxmp.cli import UsageParser, check_output_file, run_cli
+from jaxmp.data import LMDataConfig, load_lm_dataset, read_corpus
+from jaxmp.errors import UsageError
 from jaxmp.files import write_text_atomically
 from jaxmp.precision import get_policy
-from jaxmp.serving import LoadedModel, UsageParser, load_model, tree_bytes, with_policy
+from jaxmp.serving import LoadedModel, load_model, tree_bytes, with_policy
 
 __all__ = ["PolicyPerplexity", "perplexity", "evaluate_policies", "markdown_table", "main"]
+
+_PROG = "python -m jaxmp.evaluate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +148,18 @@ def _split_policies(text: str) -> list[str]:
     return policies
 
 
-def _tokens(loaded: LoadedModel, model_dir: str, data: str | None, max_tokens: int | None) -> np.ndarray:
-    if data is not None:
-        path = Path(data)
-        if not path.is_file():
-            raise UsageError(f"--data {data} is not a file; give a UTF-8 text file")
-        tokens_N = loaded.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+def _read_text(data: str | None) -> str | None:
+    """The text of ``--data`` (None when not given), with the checks ``jaxmp.train`` makes of a corpus."""
+    if data is None:
+        return None
+    if not Path(data).is_file():
+        raise UsageError(f"--data {data} is not a file; give a UTF-8 text file")
+    return "".join(read_corpus(data).documents())  # DataError: empty, unreadable or not UTF-8
+
+
+def _tokens(loaded: LoadedModel, model_dir: str, text: str | None, max_tokens: int | None) -> np.ndarray:
+    if text is not None:
+        tokens_N = loaded.tokenizer.encode(text)
     elif loaded.run_config is not None:
         run = loaded.run_config
         data_config = LMDataConfig(
@@ -167,7 +177,7 @@ def _tokens(loaded: LoadedModel, model_dir: str, data: str | None, max_tokens: i
 
 
 def _build_parser() -> UsageParser:
-    parser = UsageParser(prog="python -m jaxmp.evaluate", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog=_PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a jaxmp run directory or a Hugging Face directory")
     parser.add_argument("--data", help="UTF-8 text file (default for a run: its validation split)")
     parser.add_argument(
@@ -185,22 +195,35 @@ def _build_parser() -> UsageParser:
     return parser
 
 
+def _check_sizes(seq_len: int | None, batch_size: int, max_tokens: int | None) -> None:
+    """Raises ``UsageError`` for sizes no model could take (the context is checked once it is loaded)."""
+    if seq_len is not None and seq_len < 1:
+        raise UsageError(f"--seq-len must be >= 1, got {seq_len}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens must be >= 2 (perplexity needs at least 2 tokens), got {max_tokens}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (2 for bad input)."""
-    parser = _build_parser()
-    try:
-        args = parser.parse_args(argv)
-        policies = _split_policies(args.policies)
-        loaded = load_model(args.model, "fp32", args.tokenizer)
-        context = loaded.model.config.max_positions
-        seq_len = args.seq_len or (loaded.run_config["seq_len"] if loaded.run_config else min(context, 1024))
-        if not 1 <= seq_len <= context or args.batch_size < 1:
-            raise UsageError(f"--seq-len must be in 1..{context} and --batch-size >= 1")
-        tokens_N = _tokens(loaded, args.model, args.data, args.max_tokens)
-        results = evaluate_policies(loaded, policies, tokens_N, seq_len, args.batch_size)
-    except (UsageError, DataError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(_PROG, _evaluate_cli, argv)
+
+
+def _evaluate_cli(argv: Sequence[str] | None) -> int:
+    args = _build_parser().parse_args(argv)
+    policies = _split_policies(args.policies)
+    _check_sizes(args.seq_len, args.batch_size, args.max_tokens)
+    if args.json:
+        check_output_file(args.json, "--json")
+    text = _read_text(args.data)
+    loaded = load_model(args.model, "fp32", args.tokenizer)
+    context = loaded.model.config.max_positions
+    seq_len = args.seq_len or (loaded.run_config["seq_len"] if loaded.run_config else min(context, 1024))
+    if seq_len > context:
+        raise UsageError(f"--seq-len must be in 1..{context} (the model's context), got {seq_len}")
+    tokens_N = _tokens(loaded, args.model, text, args.max_tokens)
+    results = evaluate_policies(loaded, policies, tokens_N, seq_len, args.batch_size)
     print(markdown_table(results))
     if args.json:
         record = {

@@ -26,13 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp.errors import DataError, UsageError
+from jaxmp.cli import UsageParser, run_cli
+from jaxmp.errors import UsageError
 from jaxmp.models import LlamaConfig
 from jaxmp.models.layers import AttentionCache, KVCache
-from jaxmp.serving import LoadedModel, UsageParser, load_model, tree_bytes
+from jaxmp.serving import LoadedModel, load_model, tree_bytes
 from jaxmp.tokenizer import Tokenizer
 
 __all__ = ["Sampling", "Generation", "init_cache", "sample_logits", "generate", "sample_text", "main"]
+
+_PROG = "python -m jaxmp.generate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +274,7 @@ def sample_text(
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = UsageParser(prog="python -m jaxmp.generate", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog=_PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a jaxmp run directory or a Hugging Face directory")
     parser.add_argument(
         "--policy", default="fp32", help="precision policy, e.g. params=bfloat16,compute=bfloat16"
@@ -304,26 +307,43 @@ def _report(loaded: LoadedModel, prompts: list[str], result: Generation, cache_b
     )
 
 
+def _check_prompts(prompts: list[str]) -> None:
+    """Raises ``UsageError`` for a prompt that is not UTF-8 text.
+
+    Python hands command-line bytes that are not UTF-8 over as lone surrogates, which no tokenizer can
+    encode.
+    """
+    for number, prompt in enumerate(prompts, start=1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise UsageError(
+                f"--prompt {number} holds bytes that are not valid UTF-8 (at character {error.start}); "
+                "give UTF-8 text"
+            ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (2 for bad input, 1 for non-finite logits)."""
+    return run_cli(_PROG, _generate_cli, argv)
+
+
+def _generate_cli(argv: list[str] | None) -> int:
     parser = _build_parser()
-    try:
-        args = parser.parse_args(argv)
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        loaded = load_model(args.model, args.policy, args.tokenizer)
-        prompts = [loaded.tokenizer.encode(prompt) for prompt in args.prompt]
-        result = generate(
-            loaded.model,
-            loaded.params,
-            prompts,
-            args.max_new_tokens,
-            sampling,
-            loaded.tokenizer.eos_id,
-            args.seed,
-        )
-    except (UsageError, DataError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    _check_prompts(args.prompt)
+    loaded = load_model(args.model, args.policy, args.tokenizer)
+    prompts = [loaded.tokenizer.encode(prompt) for prompt in args.prompt]
+    result = generate(
+        loaded.model,
+        loaded.params,
+        prompts,
+        args.max_new_tokens,
+        sampling,
+        loaded.tokenizer.eos_id,
+        args.seed,
+    )
     slots = max(len(prompt) for prompt in prompts) + args.max_new_tokens - 1
     cache_bytes = tree_bytes(jax.eval_shape(lambda: init_cache(loaded.model, len(prompts), slots)))
     _report(loaded, args.prompt, result, cache_bytes)

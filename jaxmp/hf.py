@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -355,29 +356,102 @@ def _infer_task(hf_config: Any) -> str:
 
 
 def _read_checkpoint(directory: Path) -> dict[str, np.ndarray]:
-    """All tensors of the checkpoint in ``directory`` as numpy arrays, safetensors first."""
+    """All tensors of the checkpoint in ``directory`` as numpy arrays, safetensors first.
+
+    Raises:
+      ValueError: no weights file, or one that cannot be read (one line naming the file).
+    """
     if (directory / "model.safetensors").is_file():
-        return safetensors.numpy.load_file(directory / "model.safetensors")
+        return _read_safetensors(directory / "model.safetensors")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_weight_map(index).values()))
         if any(Path(shard).name != shard for shard in shards):
             raise ValueError(f"{index} names shards outside its directory")
-        return {
-            name: t for shard in shards for name, t in safetensors.numpy.load_file(directory / shard).items()
-        }
+        return {name: t for shard in shards for name, t in _read_safetensors(directory / shard).items()}
     if (directory / "pytorch_model.bin").is_file():
-        try:
-            torch = importlib.import_module("torch")
-        except ImportError:
-            raise ValueError(f"{directory} has only pytorch_model.bin; reading it needs torch") from None
-        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        return {
-            name: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for name, t in state.items()
-        }
+        return _read_torch_weights(directory / "pytorch_model.bin")
     raise ValueError(
         f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The start of a library's message: its first line, up to the first full stop."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(error).__name__
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load_file(path)
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    except safetensors.SafetensorError as error:
+        raise ValueError(
+            f"{path} is damaged or not a safetensors file ({_first_sentence(error)}); "
+            "replace it with an intact copy"
+        ) from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} is not a JSON object with a weight_map of tensor name -> shard file")
+    return weight_map
+
+
+def _read_torch_weights(path: Path) -> dict[str, np.ndarray]:
+    """A ``pytorch_model.bin`` state dict, read with ``weights_only=True`` (never an arbitrary unpickle)."""
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        raise ValueError(f"{path.parent} has only pytorch_model.bin; reading it needs torch") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} holds objects other than tensors, which jaxmp never unpickles; convert it to "
+            "model.safetensors"
+        ) from None
+    except (RuntimeError, EOFError) as error:  # torch's errors for a truncated or foreign file
+        raise ValueError(
+            f"{path} is damaged or not a PyTorch checkpoint ({_first_sentence(error)}); "
+            "replace it with an intact copy"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in state.items()
+    ):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
+    return {name: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for name, t in state.items()}
+
+
+def _read_hf_config(directory: Path) -> transformers.PretrainedConfig:
+    """``config.json`` through ``transformers.AutoConfig``, once its ``model_type`` is one jaxmp loads.
+
+    Checked first so that an unknown type (or one whose ``auto_map`` asks for custom code, which is
+    never run) gets one line rather than transformers' advice.
+    """
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} has no config.json (a local Hugging Face model directory is needed)")
+    try:
+        fields = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({_first_sentence(error)})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not an object; give a config.json")
+    model_type = fields.get("model_type")
+    if model_type not in _FAMILIES:
+        custom = " (its auto_map names custom code, which jaxmp never runs)" if "auto_map" in fields else ""
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not supported{custom}; supported: {', '.join(_FAMILIES)}"
+        )
+    return transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
 
 
 def _new_param(path: str, shape: tuple[int, ...], std: float, index: int) -> np.ndarray:
@@ -476,16 +550,8 @@ def from_pretrained(
         every missing, unexpected and mis-shaped checkpoint tensor.
     """
     directory = Path(local_dir)
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"{directory} has no config.json (a local Hugging Face model directory is needed)")
-    hf_config = transformers.AutoConfig.from_pretrained(
-        directory, local_files_only=True, trust_remote_code=False
-    )
-    family = _FAMILIES.get(hf_config.model_type)
-    if family is None:
-        raise ValueError(
-            f"model_type {hf_config.model_type!r} is not supported; supported: {', '.join(_FAMILIES)}"
-        )
+    hf_config = _read_hf_config(directory)
+    family = _FAMILIES[hf_config.model_type]
     config = family.from_hf(hf_config, task or _infer_task(hf_config), num_labels)
     try:
         config = dataclasses.replace(config, **config_overrides)

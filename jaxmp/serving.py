@@ -2,13 +2,12 @@
 
 ``load_model(path, policy)`` reads the weights in float32, refuses a policy that would store or
 compute a weight in float16 beyond float16's range (it would become ``inf``), then casts the
-params once to each module's param dtype. Bad input raises :class:`jaxmp.config.UsageError`
+params once to each module's param dtype. Bad input raises :class:`jaxmp.errors.UsageError`
 with a one-line message.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,16 +25,9 @@ from jaxmp.errors import DataError, UsageError
 from jaxmp.precision import Policy, get_policy
 from jaxmp.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["UsageParser", "LoadedModel", "load_model", "with_policy", "check_float16_range", "tree_bytes"]
+__all__ = ["LoadedModel", "load_model", "with_policy", "check_float16_range", "tree_bytes"]
 
 _FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)
-
-
-class UsageParser(argparse.ArgumentParser):
-    """An argument parser whose errors raise ``UsageError`` (the CLI prints one line, exits 2)."""
-
-    def error(self, message):
-        raise UsageError(message)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -150,10 +150,7 @@ def _tokenizer_from_file(path: Path) -> tokenizers.Tokenizer:
 
 def _tokenizer_from_dir(path: Path) -> HFTokenizer:
     if (path / "tokenizer.json").is_file():
-        config_file = path / "tokenizer_config.json"
-        eos_token = json.loads(config_file.read_text()).get("eos_token") if config_file.is_file() else None
-        if isinstance(eos_token, dict):  # an AddedToken serialized as {"content": ...}
-            eos_token = eos_token.get("content")
+        eos_token = _configured_eos_token(path / "tokenizer_config.json")
         return HFTokenizer.wrap(_tokenizer_from_file(path / "tokenizer.json"), eos_token)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         # transformers 5 quietly builds an empty tokenizer from a directory without these
@@ -170,6 +167,26 @@ def _tokenizer_from_dir(path: Path) -> HFTokenizer:
     if not auto.is_fast:
         raise DataError(f"tokenizer directory {path} has no fast tokenizer; add a tokenizer.json")
     return HFTokenizer.wrap(auto.backend_tokenizer, auto.eos_token)
+
+
+def _configured_eos_token(config_file: Path) -> str | None:
+    """The ``eos_token`` a ``tokenizer_config.json`` names (None without the file or the entry)."""
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(
+            f"tokenizer config {config_file} is not valid JSON ({error}); fix or remove it"
+        ) from None
+    eos_token = config.get("eos_token") if isinstance(config, dict) else None
+    if isinstance(eos_token, dict):  # an AddedToken serialized as {"content": ...}
+        eos_token = eos_token.get("content")
+    if eos_token is not None and not isinstance(eos_token, str):
+        raise DataError(
+            f"tokenizer config {config_file} has eos_token {eos_token!r}; expected a token string"
+        )
+    return eos_token
 
 
 def _bpe_size(spec: str) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from jaxmp.cli import run_cli
 from jaxmp.config import build_parser, config_from_args
-from jaxmp.errors import DataError, UsageError
 
 __all__ = ["main"]
 
@@ -33,7 +33,11 @@ def _print_sample(result, params, config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (2 for bad input)."""
+    """Runs the CLI; returns the exit status (2 for bad input, 1 when training stopped)."""
+    return run_cli("python -m jaxmp.train", _train, argv)
+
+
+def _train(argv: list[str] | None) -> int:
     parser = build_parser(description=__doc__.splitlines()[0])
     config = config_from_args(parser.parse_args(argv))
     from jaxmp import distributed
@@ -41,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run(config)
-    except (UsageError, DataError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
     except TrainingStopped as error:
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 1
