@@ -149,8 +149,8 @@ def _tokenizer_from_file(path: Path) -> tokenizers.Tokenizer:
 
 
 def _tokenizer_from_dir(path: Path) -> HFTokenizer:
+    eos_token = _configured_eos_token(path / "tokenizer_config.json")  # a broken config is named first
     if (path / "tokenizer.json").is_file():
-        eos_token = _configured_eos_token(path / "tokenizer_config.json")
         return HFTokenizer.wrap(_tokenizer_from_file(path / "tokenizer.json"), eos_token)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         # transformers 5 quietly builds an empty tokenizer from a directory without these
