@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
+import os
 import signal
 import sys
 import time
@@ -23,7 +25,7 @@ import numpy as np
 import tqdm
 
 from jaxmp import distributed, lowp, optim, precision, scaling, sharding
-from jaxmp.checkpoint import Checkpointer
+from jaxmp.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError
 from jaxmp.config import TrainConfig, default_run_dir
 from jaxmp.errors import UsageError
 from jaxmp.run_dir import RunDir
@@ -34,7 +36,30 @@ __all__ = ["run", "RunResult", "TrainingStopped", "check_config"]
 
 
 class TrainingStopped(RuntimeError):
-    """Training gave up (too many non-finite steps); the last good checkpoint is kept."""
+    """Training gave up (too many non-finite steps, a non-finite state, a failed checkpoint write).
+
+    The checkpoints already written are kept, and every one of them holds a finite state.
+    """
+
+
+# Settings a resumed run may change: where and how it runs, not what it computes or logs.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "out",
+        "resume",
+        "overwrite",
+        "export_hf",
+        "sample_tokens",
+        "keep_checkpoints",
+        "max_consecutive_skips",
+        "save_every",
+        "mesh",
+        "coordinator",
+        "num_processes",
+        "process_id",
+    }
+)
+_MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 
 @dataclasses.dataclass
@@ -58,14 +83,30 @@ def check_config(config: TrainConfig) -> precision.Policy:
         "warmup_steps",
         "eval_every",
         "save_every",
-        "eval_batches",
         "max_consecutive_skips",
         "pad_multiple",
+        "sample_tokens",
     ):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {config.lr}")
+    if config.eval_batches < 1:
+        raise UsageError(
+            f"--eval-batches must be >= 1 (batches per validation pass), got {config.eval_batches}"
+        )
+    if not 0 <= config.seed <= _MAX_SEED:
+        raise UsageError(f"--seed must be in 0..{_MAX_SEED}, got {config.seed}")
+    if not 0 < config.lr < float("inf"):  # also refuses nan
+        raise UsageError(f"--lr must be a finite number > 0, got {config.lr}")
+    for name in ("clip_norm", "weight_decay"):
+        if not 0 <= getattr(config, name) < float("inf"):
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(config, name)}"
+            )
+    if config.task == "lm" and config.sample_tokens and config.seq_len < 2:
+        raise UsageError(
+            f"--sample-tokens generates with a context of --seq-len tokens, which must then be >= 2 "
+            f"(got {config.seq_len}); or pass --sample-tokens 0"
+        )
     try:
         policy = precision.get_policy(config.policy)
         scaling.make_loss_scale(config.loss_scale, policy)
@@ -122,7 +163,16 @@ class _Window:
 
 
 class _FollowerRunDir(RunDir):
-    """The run directory as processes other than 0 see it: checked and read, never written."""
+    """The run directory as processes other than 0 see it: checked and read, never written or locked."""
+
+    def lock(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
 
     def start(self, config: TrainConfig, identity: dict[str, Any]) -> None:
         del config, identity
@@ -198,11 +248,13 @@ def run(
 ) -> RunResult:
     """Trains as ``config`` says. Bad input raises ``UsageError``/``DataError`` before any file is written.
 
-    With ``coordinator`` set, every process of a multi-host run calls this with the same
-    config; process 0 alone writes the run directory's files and logs.
+    The run directory is locked for the whole run; a run that fails before training starts leaves
+    the directory as it found it. With ``coordinator`` set, every process of a multi-host run calls
+    this with the same config; process 0 alone writes the run directory's files and logs.
 
     Raises:
-      TrainingStopped: after ``max_consecutive_skips`` non-finite micro-steps in a row.
+      TrainingStopped: after ``max_consecutive_skips`` non-finite micro-steps in a row, a state with
+        non-finite params, or a checkpoint that could not be written.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     try:
@@ -222,11 +274,57 @@ def run(
     run_dir = (RunDir if primary else _FollowerRunDir)(
         config.out, resume=config.resume, overwrite=config.overwrite
     )
-    export = Path(config.export_hf) if config.export_hf else None
-    if export and export.exists() and any(export.iterdir()) and not config.overwrite:
+    _check_export_dir(config)
+    if config.resume:
+        _check_resumed_config(config, run_dir.saved_config)
+    run_dir.lock()
+    try:
+        task, state, train_step, checkpointer, window_losses = _prepare(config, policy, mesh, run_dir, log)
+    except BaseException:
+        run_dir.abandon()
+        raise
+    try:
+        return _train(
+            config, task, state, train_step, checkpointer, run_dir, window_losses, show_progress, log
+        )
+    finally:
+        run_dir.release()
+
+
+def _check_export_dir(config: TrainConfig) -> None:
+    """Refuses an ``--export-hf`` target that the export after training could not write."""
+    if not config.export_hf:
+        return
+    export = Path(config.export_hf)
+    if export.exists() and not export.is_dir():
+        raise UsageError(f"--export-hf {export} is a file; give a directory")
+    if export.is_dir() and any(export.iterdir()) and not config.overwrite:
         raise UsageError(
             f"--export-hf {export} exists and is not empty; choose a new directory or --overwrite"
         )
+    existing = next(parent for parent in (export, *export.absolute().parents) if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--export-hf {export}: {existing} is not writable; choose another directory")
+
+
+def _check_resumed_config(config: TrainConfig, saved: dict[str, Any]) -> None:
+    """Refuses a resume whose settings differ from the run's own ``config.json`` where that would
+    change what the run computes or logs (anything outside ``RESUMABLE_CHANGES``)."""
+    defaults = dataclasses.asdict(TrainConfig())
+    changed = [
+        f"{name}: {saved.get(name, defaults[name])} -> {value}"
+        for name, value in dataclasses.asdict(config).items()
+        if name not in RESUMABLE_CHANGES and saved.get(name, defaults[name]) != value
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume of {config.out} with a different {', '.join(changed)}; resume with the run's own "
+            f"settings (see its config.json)"
+        )
+
+
+def _prepare(config: TrainConfig, policy: precision.Policy, mesh, run_dir: RunDir, log: Callable):
+    """Builds the task and state, restores a resumed run's newest checkpoint, and starts the directory."""
     task = build_task(config, policy, run_dir.cache_dir)
     saved = run_dir.saved_identity()
     if saved is not None and saved != task.identity:
@@ -241,13 +339,31 @@ def run(
     state, train_step = _make_state(config, policy, task, mesh, log)
     checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
     window_losses: list[float] = []
-    if config.resume and checkpointer.latest_step() is not None:
-        state, metadata = checkpointer.restore(state)
-        window_losses = metadata["window_losses"]
-        run_dir.trim_metrics(metadata["update"])
-        log(f"resuming {run_dir.path} at update {metadata['update']} (micro-step {int(state.step)})")
+    if config.resume:
+        latest = checkpointer.latest_step()
+        total_micro = config.steps * config.accum_steps
+        if latest == total_micro and run_dir.finished():
+            raise UsageError(f"--resume: run {run_dir.path} already finished its {config.steps} steps")
+        update = 0
+        if latest is not None:
+            state, metadata = _restore(checkpointer, state, latest)
+            window_losses, update = metadata["window_losses"], metadata["update"]
+            log(f"resuming {run_dir.path} at update {update} (micro-step {int(state.step)})")
+        run_dir.trim_metrics(update)  # records logged after the checkpoint are logged again
     run_dir.start(config, task.identity)
-    return _train(config, task, state, train_step, checkpointer, run_dir, window_losses, show_progress, log)
+    return task, state, train_step, checkpointer, window_losses
+
+
+def _restore(checkpointer: Checkpointer, state: TrainState, step: int) -> tuple[TrainState, dict[str, Any]]:
+    """``checkpointer.restore``; a damaged checkpoint's error says which older one is left."""
+    try:
+        return checkpointer.restore(state, step)
+    except CheckpointError as error:
+        older = [s for s in checkpointer.all_steps() if s < step]
+        hint = (
+            f"; delete {checkpointer.step_dir(step)} to resume from micro-step {max(older)}" if older else ""
+        )
+        raise CheckpointError(f"{error}{hint}") from None
 
 
 def _train(
@@ -258,7 +374,8 @@ def _train(
     start_micro = int(state.step)
     paths = leaf_paths(state.params)
     window = _Window(window_losses)
-    evaluated: dict[str, float] = {}
+    # A resumed run that had evaluated keeps reporting that evaluation until it evaluates again.
+    evaluated = {k: v for k, v in run_dir.last_metrics().items() if k.startswith("val_")}
     consecutive_skips, pending = 0, None
     started = time.perf_counter()
     # Wall time between consecutive finished micro-steps; the median leaves out compilation and evaluation.
@@ -270,8 +387,19 @@ def _train(
     )
 
     def save(micro: int, losses: list[float]) -> None:
+        """Checkpoints ``state`` after ``micro`` micro-steps, with the logging window's losses so far."""
+        if checkpointer.latest_step() == micro:  # e.g. a signal right after a periodic save
+            return
         metadata = {"update": micro // accum, "micro_step": micro, "window_losses": losses}
-        checkpointer.save(micro, state, metadata)
+        try:
+            checkpointer.save(micro, state, metadata)
+        except NonFiniteStateError as error:
+            raise TrainingStopped(f"stopped: {error} (is --lr too large?); {_kept(checkpointer)}") from None
+        except (OSError, ValueError) as error:  # tensorstore reports a full disk as a ValueError
+            raise TrainingStopped(
+                f"stopped: could not write checkpoint {checkpointer.step_dir(micro)}: {_write_failure(error)}; "
+                f"{_kept(checkpointer)}"
+            ) from None
 
     def handle(micro: int, metrics: dict[str, Any]) -> None:
         """Host-side work for finished micro-step ``micro`` (0-based), one step late."""
@@ -286,8 +414,7 @@ def _train(
             where = paths[int(metrics["nonfinite_leaf"])]
             raise TrainingStopped(
                 f"stopped: {consecutive_skips} non-finite steps in a row at loss scale "
-                f"{float(metrics['loss_scale']):g}; first non-finite gradient: {where}. "
-                f"The last good checkpoint in {run_dir.checkpoint_dir} is kept"
+                f"{float(metrics['loss_scale']):g}; first non-finite gradient: {where}; {_kept(checkpointer)}"
             )
         if not metrics["grads_finite"]:
             log(
@@ -321,7 +448,7 @@ def _train(
             if update_done and config.save_every and ((micro + 1) // accum) % config.save_every == 0:
                 handle(micro, jax.device_get(pending))
                 pending = None
-                save(micro + 1, [])
+                save(micro + 1, window.losses)
             if signals.received is not None:
                 if pending is not None:
                     handle(micro, jax.device_get(pending))
@@ -347,6 +474,21 @@ def _train(
     )
     run_dir.write_summary(summary)
     return RunResult(summary, state, task, run_dir, train_step=train_step)
+
+
+def _kept(checkpointer: Checkpointer) -> str:
+    """Which checkpoint a stopped run leaves to resume from."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return "no checkpoint was written"
+    return f"the newest checkpoint, {checkpointer.step_dir(latest)}, is kept; continue from it with --resume"
+
+
+def _write_failure(error: Exception) -> str:
+    """A write error's cause in a few words; a full disk is named as such."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+        return "the disk is full"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _summary(

@@ -234,9 +234,9 @@ def make_loss_scale(spec: str, policy: Policy) -> LossScale:
             value = float(spec.split(":", 1)[1])
         except ValueError:
             value = float("nan")
-        if not np.isfinite(value) or value <= 0:
+        if not 0 < value <= np.finfo(np.float32).max:  # also refuses nan; the scale is held in fp32
             raise ValueError(
-                f"bad static loss scale {spec!r}; write static:N with a number N > 0, e.g. static:128"
+                f"bad static loss scale {spec!r}; write static:N with 0 < N <= 3.4e38 (float32), e.g. static:128"
             )
         return StaticLossScale(value)
     raise ValueError(f"unknown loss scale {spec!r}; valid: auto, none, dynamic, static:N")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxmp
-from jaxmp.checkpoint import Checkpointer
+from jaxmp.checkpoint import Checkpointer, CheckpointError
 
 
 def make_state(seed=0, loss_scale=None):
@@ -70,7 +70,7 @@ def test_checkpointer_keeps_the_newest(tmp_path):
     assert checkpointer.all_steps() == [2, 3] and checkpointer.latest_step() == 3
     _, metadata = checkpointer.restore(state, step=2)
     assert metadata == {"step": 2}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError):
         Checkpointer(tmp_path / "empty").restore(state)
 
 
