@@ -131,7 +131,7 @@ def load_classification_data(
       pad_multiple: see :class:`ClassificationData` (0: every batch has length ``max_length``).
     """
     texts, labels_N = read_labelled_rows(path, limit, num_labels)
-    tokenizer = _load_hf_tokenizer(tokenizer_dir)
+    tokenizer = load_hf_tokenizer(tokenizer_dir)
     encoded = tokenizer(
         texts,
         max_length=max_length,
@@ -262,7 +262,7 @@ def _open_text(path: Path) -> TextIO:
         raise DataError(f"cannot read classification file {path}: {error.strerror or error}") from None
 
 
-def _load_hf_tokenizer(tokenizer_dir: str | Path):
+def load_hf_tokenizer(tokenizer_dir: str | Path):
     """Loads a local Hugging Face tokenizer (never downloaded, never remote code)."""
     from transformers import AutoTokenizer  # slow to import; only classification needs it
 

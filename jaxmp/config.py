@@ -32,8 +32,10 @@ class TrainConfig:
     tokenizer: str = "byte"  # byte | bpe:N | tokenizer.json | HF tokenizer dir (lm; classify uses --init)
     seq_len: int = 64  # tokens per sequence (classify: max length after truncation)
     pad_multiple: int = 16  # classify: pad a batch to its longest row, rounded up to this (0: to --seq-len)
+    max_rows: int | None = None  # classify: train on the first N rows of --data only (none: all)
     # optimization
     steps: int = 400  # optimizer updates; each takes accum_steps micro-batches
+    epochs: float | None = None  # classify: passes over the training rows, instead of --steps
     batch_size: int = 32  # sequences per micro-batch
     accum_steps: int = 1  # micro-batches averaged into one update
     lr: float = 2e-3  # peak learning rate (linear warmup, cosine decay to 10%)
@@ -70,9 +72,10 @@ class TrainConfig:
 
 FLAG_GROUPS = {
     "model and precision": ("model", "policy", "task", "init", "loss_scale", "param_update", "moment_dtype"),
-    "data": ("data", "eval_data", "tokenizer", "seq_len", "pad_multiple"),
+    "data": ("data", "eval_data", "tokenizer", "seq_len", "pad_multiple", "max_rows"),
     "optimization": (
         "steps",
+        "epochs",
         "batch_size",
         "accum_steps",
         "lr",
@@ -96,6 +99,7 @@ FLAG_GROUPS = {
     ),
     "devices and hosts": ("mesh", "coordinator", "num_processes", "process_id"),
 }
+_EXCLUSIVE = ("steps", "epochs")  # at most one of these flags may be given
 _CHOICES = {
     "task": ("lm", "classify"),
     "param_update": ("nearest", "stochastic", "kahan"),
@@ -113,6 +117,12 @@ def _field_comments() -> dict[str, str]:
     return comments
 
 
+def _without_none(hint: object) -> object:
+    """``int`` for ``int | None``; any other type hint unchanged."""
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 else hint
+
+
 def build_parser(
     prog: str = "python -m jaxmp.train", description: str | None = None
 ) -> argparse.ArgumentParser:
@@ -125,14 +135,16 @@ def build_parser(
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for title, names in FLAG_GROUPS.items():
         group = parser.add_argument_group(title)
+        if any(name in _EXCLUSIVE for name in names):
+            exclusive = group.add_mutually_exclusive_group()  # _EXCLUSIVE's flags share one group
         for name in names:
             flag = "--" + name.replace("_", "-")
             default = fields[name].default
             if types[name] is bool:
                 group.add_argument(flag, action="store_true", help=comments[name])
                 continue
-            kind = {int: int, float: float}.get(types[name], str)
-            group.add_argument(
+            kind = {int: int, float: float}.get(_without_none(types[name]), str)
+            (exclusive if name in _EXCLUSIVE else group).add_argument(
                 flag, type=kind, default=default, choices=_CHOICES.get(name), help=comments[name]
             )
     return parser

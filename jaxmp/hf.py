@@ -5,7 +5,7 @@ files only, never remote code) and the weights from ``model.safetensors`` (or a 
 ``model.safetensors.index.json``); ``pytorch_model.bin`` only through
 ``torch.load(..., weights_only=True)``. ``save_pretrained`` writes ``config.json`` and
 ``model.safetensors`` (each to a temporary name, then renamed) that transformers' PyTorch
-classes load.
+classes load, and with a tokenizer given, its files for ``transformers.AutoTokenizer``.
 
 Name mapping: torch ``Linear`` weights ``[out, in]`` are transposed to kernels
 ``[in, out]``; GPT-2's ``Conv1D`` weights are already ``[in, out]`` and its fused
@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from jaxmp.models.layers import RopeScaling
 from jaxmp.models.llama import LlamaConfig
 from jaxmp.precision import Policy, get_policy
 
-__all__ = ["from_pretrained", "save_pretrained", "cast_params"]
+__all__ = ["from_pretrained", "save_pretrained", "save_tokenizer", "cast_params"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -570,11 +571,14 @@ def from_pretrained(
     return model, cast_params(params, model.policy)
 
 
-def save_pretrained(model: nn.Module, params: Any, out_dir: str | os.PathLike) -> None:
+def save_pretrained(model: nn.Module, params: Any, out_dir: str | os.PathLike, tokenizer: Any = None) -> None:
     """Writes ``config.json`` and ``model.safetensors`` that transformers loads.
 
     Tensors keep their stored dtypes; ``config.json`` names the task's transformers class
     (e.g. ``GPT2LMHeadModel``, ``BertForSequenceClassification``) and the policy's param dtype.
+    With ``tokenizer`` (a ``transformers`` tokenizer) its files are written too (see
+    :func:`save_tokenizer`): without them ``AutoTokenizer.from_pretrained(out_dir)`` quietly
+    builds a near-empty tokenizer from ``config.json`` alone.
     """
     config = getattr(model, "config", None)
     family = next((f for f in _FAMILIES.values() if isinstance(config, f.config_type)), None)
@@ -599,3 +603,17 @@ def save_pretrained(model: nn.Module, params: Any, out_dir: str | os.PathLike) -
         lambda file: file.write(safetensors.numpy.save(tensors, metadata={"format": "pt"})),
     )
     write_text_atomically(directory / "config.json", hf_config.to_json_string())
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike) -> None:
+    """Writes the files of ``tokenizer.save_pretrained`` (a ``transformers`` tokenizer) into ``out_dir``.
+
+    They are saved in a scratch directory first, then each is written with ``atomic_write``.
+    """
+    with tempfile.TemporaryDirectory(prefix="jaxmp-tokenizer-") as scratch:
+        tokenizer.save_pretrained(scratch)
+        for saved in sorted(Path(scratch).iterdir()):
+            content = saved.read_bytes()
+            atomic_write(Path(out_dir) / saved.name, lambda file, content=content: file.write(content))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxmp import hf, models
-from jaxmp.classify_data import load_classification_data
+from jaxmp.classify_data import load_classification_data, load_hf_tokenizer, read_labelled_rows
 from jaxmp.config import TrainConfig
 from jaxmp.data import LMDataConfig, load_lm_dataset
 from jaxmp.errors import UsageError
@@ -25,7 +27,7 @@ from jaxmp.precision import Policy
 from jaxmp.tokenizer import Tokenizer
 from jaxmp.train_step import make_eval_step
 
-__all__ = ["Task", "build_task"]
+__all__ = ["Task", "build_task", "resolve_epochs", "export_tokenizer"]
 
 Batch = dict[str, np.ndarray]
 
@@ -138,7 +140,7 @@ def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
     )
 
 
-def _classify_task(config: TrainConfig, policy: Policy) -> Task:
+def _check_classify_inputs(config: TrainConfig) -> None:
     if not config.init:
         raise UsageError(
             "--task classify fine-tunes a checkpoint: give --init HF_DIR (e.g. a BERT directory)"
@@ -147,8 +149,12 @@ def _classify_task(config: TrainConfig, policy: Policy) -> Task:
         raise UsageError(
             "--task classify needs --data TRAIN_FILE and --eval-data DEV_FILE (.tsv, .csv or .jsonl)"
         )
+
+
+def _classify_task(config: TrainConfig, policy: Policy) -> Task:
+    _check_classify_inputs(config)
     lengths = {"max_length": config.seq_len, "pad_multiple": config.pad_multiple}
-    train = load_classification_data(config.data, config.init, **lengths)
+    train = load_classification_data(config.data, config.init, limit=config.max_rows, **lengths)
     dev = load_classification_data(config.eval_data, config.init, **lengths)
     num_labels = max(train.num_labels, dev.num_labels)
     model, params = _load_pretrained(config, policy, "classify", num_labels=num_labels)
@@ -191,6 +197,41 @@ def _preset(name: str, **overrides) -> Any:
         return models.get_config(name, **overrides)
     except ValueError as error:
         raise UsageError(f"--model: {error}") from None
+
+
+def resolve_epochs(config: TrainConfig) -> TrainConfig:
+    """Checks ``--epochs`` and ``--max-rows``; returns ``config``, with ``steps`` set from ``epochs`` if given.
+
+    ``steps = ceil(epochs * rows / (batch_size * accum_steps))``, ``rows`` being the training rows (those of
+    ``--data``, at most ``--max-rows``): the fewest updates that see ``epochs * rows`` rows, computed exactly
+    for ``epochs`` as written in decimal (0.1 is 1/10). Batches are one stream of shuffled epochs, so when
+    ``epochs * rows`` does not fill the last update, it also takes the next epoch's first rows. ``config``
+    must have passed ``jaxmp.run.check_config``; bad values raise ``UsageError`` (a bad file ``DataError``).
+    """
+    if config.max_rows is not None and config.max_rows < 1:
+        raise UsageError(f"--max-rows must be >= 1, got {config.max_rows}")
+    if config.epochs is not None and not (math.isfinite(config.epochs) and config.epochs > 0):
+        raise UsageError(f"--epochs must be a finite number > 0, got {config.epochs}")
+    if config.task != "classify" and (config.epochs is not None or config.max_rows is not None):
+        raise UsageError("--epochs and --max-rows count rows of --task classify data; use --steps for lm")
+    if config.epochs is None:
+        return config
+    _check_classify_inputs(config)
+    rows = len(read_labelled_rows(config.data, config.max_rows)[1])
+    epochs = Fraction(repr(config.epochs))  # the decimal written, exactly
+    steps = math.ceil(epochs * rows / (config.batch_size * config.accum_steps))
+    return dataclasses.replace(config, steps=steps)
+
+
+def export_tokenizer(config: TrainConfig, task: Task) -> Any:
+    """The run's tokenizer as a ``transformers`` tokenizer, for ``--export-hf``.
+
+    classify: the ``--init`` directory's, loaded as the run loaded it; lm: one whose
+    ``tokenizer(text)["input_ids"]`` equal ``task.tokenizer.encode(text)``.
+    """
+    if task.tokenizer is not None:
+        return task.tokenizer.to_transformers()
+    return load_hf_tokenizer(config.init)
 
 
 def build_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:

@@ -70,6 +70,19 @@ class ByteTokenizer:
         bytes_T = np.where((ids_T >= 0) & (ids_T < 256), ids_T, 0xFF).astype(np.uint8)  # 0xFF is never UTF-8
         return bytes_T.tobytes().decode("utf-8", errors="replace")
 
+    def to_transformers(self):
+        """The same mapping as a ``transformers`` tokenizer: a byte-level BPE with no merges.
+
+        GPT-2's byte-level pre-tokenizer writes each UTF-8 byte as one character and the vocabulary gives
+        byte ``b``'s character id ``b``, so ``tokenizer(text)["input_ids"]`` equals ``encode(text)`` and
+        ``tokenizer.decode`` inverts it.
+        """
+        vocab = {char: byte for byte, char in enumerate(_byte_level_chars())}
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        return _transformers_tokenizer(backend, eos_token=None)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class HFTokenizer:
@@ -113,6 +126,18 @@ class HFTokenizer:
     def save(self, path: str | Path) -> None:
         """Writes the tokenizer as a tokenizer.json file (atomically) that ``load_tokenizer`` reads back."""
         _write_tokenizer_file(Path(path), lambda file: file.write(self.backend.to_str().encode()))
+
+    def to_transformers(self):
+        """A ``transformers`` tokenizer whose ``tokenizer(text)["input_ids"]`` equals ``encode(text)``.
+
+        A post-processor that adds special tokens (BERT's [CLS] and [SEP], Llama's BOS) is left out:
+        ``encode`` never adds them, so a model trained on its ids has not seen them either.
+        """
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())  # a copy; the run's stays as it is
+        if backend.post_processor is not None and backend.post_processor.num_special_tokens_to_add(False):
+            backend.post_processor = None
+        eos_token = None if self.eos_id is None else backend.id_to_token(self.eos_id)
+        return _transformers_tokenizer(backend, eos_token)
 
 
 def load_tokenizer(spec: str, corpus: Corpus | None = None, cache_dir: str | Path | None = None) -> Tokenizer:
@@ -229,6 +254,20 @@ def _chunks(text: str) -> Iterator[str]:
         end = match.end() if match else len(text)
         yield text[start:end]
         start = end
+
+
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte-to-character table: entry ``b`` is the character ``ByteLevel`` writes for byte ``b``."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # '!'..'~', '¡'..'¬', '®'..'ÿ'
+    others = iter(range(256, 512))  # the remaining bytes, in order, become U+0100, U+0101, ...
+    return [chr(byte) if byte in printable else chr(next(others)) for byte in range(256)]
+
+
+def _transformers_tokenizer(backend: tokenizers.Tokenizer, eos_token: str | None):
+    """Wraps ``backend`` in ``transformers.PreTrainedTokenizerFast`` (``save_pretrained`` writes it)."""
+    from transformers import PreTrainedTokenizerFast  # slow to import; only exports need it
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token)
 
 
 def _write_tokenizer_file(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -41,10 +41,12 @@ def _train(argv: list[str] | None) -> int:
     parser = build_parser(description=__doc__.splitlines()[0])
     config = config_from_args(parser.parse_args(argv))
     from jaxmp import distributed
-    from jaxmp.run import TrainingStopped, run  # heavy imports after --help and flag errors
+    from jaxmp.run import TrainingStopped, check_config, run  # heavy imports after --help and flag errors
+    from jaxmp.tasks import resolve_epochs
 
     try:
-        result = run(config)
+        check_config(config)  # resolve_epochs divides by the batch sizes it checks
+        result = run(resolve_epochs(config))
     except TrainingStopped as error:
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 1
@@ -58,9 +60,11 @@ def _train(argv: list[str] | None) -> int:
         return 128 + result.interrupted_by
     if config.export_hf:
         from jaxmp import hf
+        from jaxmp.tasks import export_tokenizer
 
-        hf.save_pretrained(result.task.model, params, config.export_hf)
-        print(f"exported a Hugging Face model to {config.export_hf}")
+        tokenizer = export_tokenizer(config, result.task)
+        hf.save_pretrained(result.task.model, params, config.export_hf, tokenizer=tokenizer)
+        print(f"exported a Hugging Face model and its tokenizer to {config.export_hf}")
     if result.task.tokenizer is not None and config.sample_tokens > 0:
         _print_sample(result, params, config)
     return 0

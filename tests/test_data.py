@@ -154,6 +154,22 @@ def test_long_text_is_encoded_in_chunks_like_one_piece(small_corpus, tmp_path, m
     np.testing.assert_array_equal(tokenizer.encode(text), whole)
 
 
+@pytest.mark.parametrize("spec", ["byte", "bpe:300", "minilm"])
+def test_tokenizer_exports_to_transformers_with_the_same_ids(spec, small_corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from jaxmp import hf
+
+    tokenizer = load_tokenizer(str(minilm_dir()) if spec == "minilm" else spec, small_corpus, tmp_path)
+    hf.save_tokenizer(tokenizer.to_transformers(), tmp_path / "export")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    text = next(small_corpus.documents())[:3000] + " Naïve café, 東京 🎉\t\x00\x7f end \n\n"
+    ids = exported(text)["input_ids"]
+    assert ids == tokenizer.encode(text).tolist()  # minilm: no [CLS]/[SEP], as encode adds none
+    assert exported.eos_token_id == tokenizer.eos_id
+    if spec == "byte":
+        assert ids == list(text.encode("utf-8")) and exported.decode(ids) == text
+
+
 # --------------------------------------------------------------------------------------------------- packing
 
 

@@ -1,5 +1,6 @@
 """``python -m jaxmp.train``: bad input, end-to-end runs, exact resume after SIGKILL, SIGTERM."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmp import models
+from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
+from jaxmp.classify_data import load_classification_data, read_labelled_rows
+from jaxmp.config import TrainConfig
+from jaxmp.precision import get_policy
+from jaxmp.tasks import build_task, resolve_epochs
 from jaxmp.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,8 +147,9 @@ def test_flag_errors_and_help():
 
 def test_lm_pretraining_end_to_end(tmp_path):
     corpus = write(tmp_path / "corpus.txt", "To be, or not to be, that is the question. " * 200)
-    out = tmp_path / "run"
-    result = cli("--data", str(corpus), "--policy", "bf16", "--out", str(out), "--log-every", "2", *TINY_LM)
+    out, export = tmp_path / "run", tmp_path / "hf"
+    result = cli("--data", str(corpus), "--policy", "bf16", "--out", str(out), "--log-every", "2", *TINY_LM,
+                 "--export-hf", str(export))  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["policy"] == "params=float32,compute=bfloat16,output=float32"
@@ -156,24 +162,112 @@ def test_lm_pretraining_end_to_end(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["identity"] == {"task": "lm", "model": "gpt2-tiny", "tokenizer": "byte"}
     assert Checkpointer(out / "checkpoints").latest_step() == 4
+    transformers = pytest.importorskip("transformers")
+    text = "Whether 'tis nobler in the mind to suffer\nthe slings and arrows of outrageous fortune, 東京"
+    assert transformers.AutoTokenizer.from_pretrained(export)(text)["input_ids"] == list(text.encode("utf-8"))
+
+
+def _jaxmp_and_transformers_logits(export: Path, dev: Path, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32[N, labels] logits of the exported classifier on ``dev``'s rows: jaxmp's on the rows as the
+    run tokenized them, transformers' PyTorch model's on the rows as the exported tokenizer does."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rows = load_classification_data(dev, minilm_dir(), max_length=seq_len)  # as the run's evaluation
+    model, params = hf.from_pretrained(export, "fp32", task="classify")
+    jaxmp_logits = model.apply(
+        {"params": params},
+        rows.input_ids,
+        attention_mask=rows.attention_mask,
+        token_type_ids=rows.token_type_ids,
+    ).logits
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    texts, _ = read_labelled_rows(dev)
+    encoded = tokenizer(texts, max_length=seq_len, truncation=True, padding="max_length", return_tensors="pt")
+    np.testing.assert_array_equal(encoded["input_ids"].numpy(), rows.input_ids)
+    np.testing.assert_array_equal(encoded["attention_mask"].numpy(), rows.attention_mask)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(export).eval()
+    with torch.no_grad():
+        torch_logits = classifier(**encoded).logits.numpy()
+    return np.asarray(jaxmp_logits), torch_logits
 
 
 def test_classification_end_to_end_with_export(tmp_path):
-    rows = (SST2 / "dev.tsv").read_text().splitlines()
-    train = write(tmp_path / "train.tsv", "\n".join(rows[:33]) + "\n")
-    dev = write(tmp_path / "dev.tsv", "\n".join([rows[0], *rows[33:45]]) + "\n")
+    """Fine-tunes MiniLM on 384 SST-2 training rows; the export, read by transformers' PyTorch classes,
+    classifies 64 dev rows as jaxmp did (its tokenizer included)."""
+    dev_rows = (SST2 / "dev.tsv").read_text().splitlines()[:65]  # the header and 64 rows
+    dev = write(tmp_path / "dev.tsv", "\n".join(dev_rows) + "\n")
     out, export = tmp_path / "run", tmp_path / "hf"
     result = cli(
-        "--task", "classify", "--init", str(minilm_dir()), "--data", str(train), "--eval-data", str(dev),
-        "--policy", "bf16", "--steps", "2", "--batch-size", "8", "--seq-len", "32", "--lr", "1e-4",
-        "--out", str(out), "--export-hf", str(export), "--log-every", "1",
+        "--task", "classify", "--init", str(minilm_dir()), "--data", str(SST2 / "train.tsv"),
+        "--max-rows", "384", "--epochs", "1", "--eval-data", str(dev), "--policy", "fp32",
+        "--batch-size", "32", "--seq-len", "32", "--pad-multiple", "0", "--lr", "5e-4", "--warmup-steps", "2",
+        "--out", str(out), "--export-hf", str(export),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= summary["final_val_accuracy"] <= 1.0 and summary["task"] == "classify"
-    transformers = pytest.importorskip("transformers")
-    exported = transformers.AutoModelForSequenceClassification.from_pretrained(export)
-    assert exported.config.num_labels == 2
+    assert summary["task"] == "classify" and summary["steps"] == 12  # 384 rows / 32 per update
+    accuracy = summary["final_val_accuracy"]
+    _, labels = read_labelled_rows(dev)
+    assert accuracy > 0.7 and accuracy > max(labels.mean(), 1 - labels.mean())  # above the majority class
+    jaxmp_logits, torch_logits = _jaxmp_and_transformers_logits(export, dev, seq_len=32)
+    jaxmp_predicted, torch_predicted = jaxmp_logits.argmax(-1), torch_logits.argmax(-1)
+    assert np.mean(jaxmp_predicted == labels) == accuracy  # the export holds the params the run evaluated
+    assert np.mean(torch_predicted == labels) == accuracy
+    near_tie = np.abs(jaxmp_logits[:, 1] - jaxmp_logits[:, 0]) < 1e-3
+    assert np.all((jaxmp_predicted == torch_predicted) | near_tie)
+    np.testing.assert_allclose(torch_logits, jaxmp_logits, atol=1e-4)
+
+
+def test_epochs_set_the_steps_from_the_training_rows(tmp_path):
+    lines = "".join(f"row {i}\t{i % 2}\n" for i in range(30))
+    rows = write(tmp_path / "rows.tsv", "sentence\tlabel\n" + lines)
+    config = TrainConfig(task="classify", init="hf_dir", data=str(rows), eval_data=str(rows), batch_size=3)
+    assert resolve_epochs(config) == config  # without --epochs, --steps stands
+    for changes, steps in (
+        ({"epochs": 1.0}, 10),
+        ({"epochs": 0.1}, 1),  # 0.1 * 30 / 3 is exactly 1 (in binary floating point it is 1.0000000000000002)
+        ({"epochs": 2.5, "accum_steps": 2}, 13),  # 75 rows in updates of 6 rows
+        ({"epochs": 1.0, "max_rows": 7}, 3),
+        ({"epochs": 1.0, "max_rows": 100}, 10),  # a file shorter than --max-rows is used whole
+        ({"epochs": 1e-9}, 1),
+    ):
+        assert resolve_epochs(dataclasses.replace(config, **changes)).steps == steps, changes
+
+
+def test_max_rows_limits_the_training_rows(tmp_path):
+    config = TrainConfig(
+        task="classify", init=str(minilm_dir()), data=str(SST2 / "train.tsv"), eval_data=str(SST2 / "dev.tsv"),
+        max_rows=5, batch_size=5, seq_len=16, pad_multiple=0,
+    )  # fmt: skip
+    task = build_task(config, get_policy("fp32"), tmp_path)
+    first = load_classification_data(SST2 / "train.tsv", minilm_dir(), max_length=16, limit=5)
+    for step in range(3):  # each batch is one epoch: a permutation of the first 5 rows
+        assert sorted(map(bytes, task.batch(step)["input_ids"])) == sorted(map(bytes, first.input_ids))
+
+
+def test_epochs_and_max_rows_refuse_bad_values(tmp_path, capsys):
+    rows = write(tmp_path / "rows.tsv", "sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    classify = ["--task", "classify", "--init", str(minilm_dir()), "--data", str(rows), "--eval-data", str(rows)]  # fmt: skip
+    for argv, named in (
+        ([*classify, "--epochs", "0"], "--epochs must be a finite number > 0, got 0.0"),
+        ([*classify, "--epochs", "-1"], "--epochs must be a finite number > 0, got -1.0"),
+        ([*classify, "--epochs", "nan"], "--epochs must be a finite number > 0, got nan"),
+        ([*classify, "--epochs", "inf"], "--epochs must be a finite number > 0, got inf"),
+        ([*classify, "--epochs", "one"], "argument --epochs: invalid float value: 'one'"),
+        ([*classify, "--max-rows", "0"], "--max-rows must be >= 1, got 0"),
+        ([*classify, "--max-rows", "-2"], "--max-rows must be >= 1, got -2"),
+        ([*classify, "--steps", "400", "--epochs", "1"], "--epochs: not allowed with argument --steps"),
+        (["--epochs", "1"], "--epochs and --max-rows count rows of --task classify data"),
+        (["--max-rows", "10"], "--epochs and --max-rows count rows of --task classify data"),
+    ):
+        out = tmp_path / "out"
+        try:
+            status = main([*argv, "--out", str(out)])
+        except SystemExit as exit:  # argparse's own errors
+            status = exit.code
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1 and named in err, (argv, err)
+        assert not out.exists()
 
 
 def params_of(run_dir: Path):
