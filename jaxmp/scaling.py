@@ -234,7 +234,7 @@ def make_loss_scale(spec: str, policy: Policy) -> LossScale:
             value = float(spec.split(":", 1)[1])
         except ValueError:
             value = float("nan")
-        if not 0 < value <= np.finfo(np.float32).max:  # also refuses nan; the scale is held in fp32
+        if not 0 < value <= float(np.finfo(np.float32).max):  # also refuses nan; the scale is held in fp32
             raise ValueError(
                 f"bad static loss scale {spec!r}; write static:N with 0 < N <= 3.4e38 (float32), e.g. static:128"
             )

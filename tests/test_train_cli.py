@@ -23,6 +23,7 @@ from jaxmp.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
+EXISTING_RUN = json.dumps({"identity": {"task": "lm"}})  # what makes config.json a jaxmp run
 TINY_LM = [
     "--steps",
     "4",
@@ -68,7 +69,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     (no_weights / "config.json").write_text('{"model_type": "bert"}')
     existing = tmp_path / "existing"
     existing.mkdir()
-    (existing / "config.json").write_text("{}")
+    (existing / "config.json").write_text(EXISTING_RUN)
     data = ["--data", str(corpus)]
     return [
         (["--policy", "params=float33"], "float33"),
@@ -100,6 +101,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         ),
         (["--task", "classify", "--data", str(labels), "--eval-data", str(labels)], "--init"),
         (["--init", str(no_weights), *data], "weights"),
+        ([*data, "--export-hf", str(corpus)], "--export-hf"),
     ]
 
 
@@ -112,8 +114,17 @@ def test_bad_input_gets_one_line_exit_2_and_nothing_written(tmp_path, capsys):
         assert status == 2, (argv, err)
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert named in err, (named, err)
-        assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
-    assert (tmp_path / "existing" / "config.json").read_text() == "{}"  # not overwritten
+        assert not out.exists(), argv  # not even a cache of tokenized data is left behind
+    assert (tmp_path / "existing" / "config.json").read_text() == EXISTING_RUN  # not overwritten
+
+
+def test_lm_refuses_an_encoder_checkpoint(tmp_path, capsys):
+    corpus = write(tmp_path / "corpus.txt", "To be or not to be. " * 40)
+    out = tmp_path / "out"
+    assert main([*TINY_LM, "--init", str(minilm_dir()), "--data", str(corpus), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--task lm trains causal models" in err, err
+    assert not out.exists()
 
 
 def test_classification_labels_and_columns_are_checked(tmp_path, capsys):
@@ -350,6 +361,6 @@ def test_stops_after_consecutive_non_finite_steps(tmp_path, capsys):
     assert status == 1
     assert "3 non-finite steps in a row at loss scale 1e+30" in err
     assert "first non-finite gradient: " in err and ("blocks_" in err or "embed" in err)
-    assert "last good checkpoint" in err and "Traceback" not in err
+    assert "the newest checkpoint" in err and "is kept" in err and "Traceback" not in err
     # skipped steps never touch the params, so what was saved is the last good state
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params_of(out)))
