@@ -29,10 +29,10 @@ from jaxmp.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError
 from jaxmp.config import TrainConfig, default_run_dir
 from jaxmp.errors import UsageError
 from jaxmp.run_dir import RunDir
-from jaxmp.tasks import Task, build_task
+from jaxmp.tasks import Task, build_task, resolve_epochs
 from jaxmp.train_step import TrainState, leaf_paths
 
-__all__ = ["run", "RunResult", "TrainingStopped", "check_config"]
+__all__ = ["run", "RunResult", "TrainingStopped", "Interrupted", "check_config"]
 
 
 class TrainingStopped(RuntimeError):
@@ -40,6 +40,14 @@ class TrainingStopped(RuntimeError):
 
     The checkpoints already written are kept, and every one of them holds a finite state.
     """
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived before training started; the run directory is as it was."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum} before training started; nothing was written")
+        self.signum = signum
 
 
 # Settings a resumed run may change: where and how it runs, not what it computes or logs.
@@ -265,6 +273,7 @@ def run(
     if not primary:
         log, show_progress = (lambda message: None), False
     policy = check_config(config)
+    config = resolve_epochs(config)
     mesh = _make_mesh(config)
     if config.out is None and jax.process_count() > 1:
         raise UsageError("--out is required in a multi-host run: every process writes to the same directory")
@@ -277,18 +286,32 @@ def run(
     _check_export_dir(config)
     if config.resume:
         _check_resumed_config(config, run_dir.saved_config)
-    run_dir.lock()
-    try:
-        task, state, train_step, checkpointer, window_losses = _prepare(config, policy, mesh, run_dir, log)
-    except BaseException:
-        run_dir.abandon()
-        raise
-    try:
-        return _train(
-            config, task, state, train_step, checkpointer, run_dir, window_losses, show_progress, log
-        )
-    finally:
-        run_dir.release()
+    with _Signals() as signals:  # from here on SIGINT/SIGTERM stop the run between steps, cleanly
+        run_dir.lock()
+        try:
+            task, state, train_step, checkpointer, window_losses = _prepare(
+                config, policy, mesh, run_dir, log
+            )
+            if signals.received is not None:
+                raise Interrupted(signals.received)
+        except BaseException:
+            run_dir.abandon()
+            raise
+        try:
+            return _train(
+                config,
+                task,
+                state,
+                train_step,
+                checkpointer,
+                run_dir,
+                window_losses,
+                signals,
+                show_progress,
+                log,
+            )
+        finally:
+            run_dir.release()
 
 
 def _check_export_dir(config: TrainConfig) -> None:
@@ -367,7 +390,7 @@ def _restore(checkpointer: Checkpointer, state: TrainState, step: int) -> tuple[
 
 
 def _train(
-    config, task, state, train_step, checkpointer, run_dir, window_losses, show_progress, log
+    config, task, state, train_step, checkpointer, run_dir, window_losses, signals, show_progress, log
 ) -> RunResult:
     accum = config.accum_steps
     total_micro = config.steps * accum
@@ -437,35 +460,34 @@ def _train(
                 skipped=record["skipped_steps"],
             )
 
-    with _Signals() as signals:
-        micro = start_micro
-        for micro in range(start_micro, total_micro):
-            state, metrics = train_step(state, task.batch(micro))
-            if pending is not None:
-                handle(micro - 1, jax.device_get(pending))
-            pending = {k: v for k, v in metrics.items() if k != "aux"}
-            update_done = (micro + 1) % accum == 0
-            if update_done and config.save_every and ((micro + 1) // accum) % config.save_every == 0:
-                handle(micro, jax.device_get(pending))
-                pending = None
-                save(micro + 1, window.losses)
-            if signals.received is not None:
-                if pending is not None:
-                    handle(micro, jax.device_get(pending))
-                save(micro + 1, window.losses)
-                bar.close()
-                log(
-                    f"interrupted by signal {signals.received}: checkpoint saved at micro-step {micro + 1}; "
-                    f"continue with --resume"
-                )
-                timing = (started, start_micro, step_seconds)
-                summary = _summary(config, task, state, run_dir, evaluated, *timing, interrupted=True)
-                run_dir.write_summary(summary)
-                return RunResult(
-                    summary, state, task, run_dir, interrupted_by=signals.received, train_step=train_step
-                )
+    micro = start_micro
+    for micro in range(start_micro, total_micro):
+        state, metrics = train_step(state, task.batch(micro))
         if pending is not None:
+            handle(micro - 1, jax.device_get(pending))
+        pending = {k: v for k, v in metrics.items() if k != "aux"}
+        update_done = (micro + 1) % accum == 0
+        if update_done and config.save_every and ((micro + 1) // accum) % config.save_every == 0:
             handle(micro, jax.device_get(pending))
+            pending = None
+            save(micro + 1, window.losses)
+        if signals.received is not None:
+            if pending is not None:
+                handle(micro, jax.device_get(pending))
+            save(micro + 1, window.losses)
+            bar.close()
+            log(
+                f"interrupted by signal {signals.received}: checkpoint saved at micro-step {micro + 1}; "
+                f"continue with --resume"
+            )
+            timing = (started, start_micro, step_seconds)
+            summary = _summary(config, task, state, run_dir, evaluated, *timing, interrupted=True)
+            run_dir.write_summary(summary)
+            return RunResult(
+                summary, state, task, run_dir, interrupted_by=signals.received, train_step=train_step
+            )
+    if pending is not None:
+        handle(micro, jax.device_get(pending))
     bar.close()
     if checkpointer.latest_step() != total_micro:
         save(total_micro, [])

@@ -88,6 +88,12 @@ def _mean_eval(eval_step: Callable, params: Any, batches: Iterator[Batch]) -> di
     return {"val_loss": loss_sum / rows, **({"val_accuracy": correct / rows} if has_accuracy else {})}
 
 
+def _require_causal(model_config: Any, name: str) -> None:
+    """Refuses a model ``--task lm`` cannot train: a BERT encoder, or a model with another head."""
+    if getattr(model_config, "task", "lm") != "lm" or isinstance(model_config, models.BertConfig):
+        raise UsageError(f"--task lm trains causal models; {name} is not one (use a GPT-2 or Llama model)")
+
+
 def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
     dataset = load_lm_dataset(
         LMDataConfig(data=config.data, tokenizer=config.tokenizer, cache_dir=str(cache_dir))
@@ -95,6 +101,7 @@ def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
     tokenizer = dataset.tokenizer
     if config.init:
         model, params = _load_pretrained(config, policy, "lm")
+        _require_causal(model.config, f"--init {config.init}")
         if model.config.vocab_size < tokenizer.vocab_size:
             raise UsageError(
                 f"--init model has {model.config.vocab_size} token ids but tokenizer {tokenizer.name} "
@@ -102,10 +109,7 @@ def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
             )
     else:
         model_config = _preset(config.model, vocab_size=tokenizer.vocab_size)
-        if getattr(model_config, "task", "lm") != "lm" or isinstance(model_config, models.BertConfig):
-            raise UsageError(
-                f"--task lm trains causal models; {config.model} is not one (use gpt2-* or llama-*)"
-            )
+        _require_causal(model_config, config.model)
         model = models.create_model(model_config, policy)
         params = None
     if config.seq_len > model.config.max_positions:

@@ -41,15 +41,16 @@ def _train(argv: list[str] | None) -> int:
     parser = build_parser(description=__doc__.splitlines()[0])
     config = config_from_args(parser.parse_args(argv))
     from jaxmp import distributed
-    from jaxmp.run import TrainingStopped, check_config, run  # heavy imports after --help and flag errors
-    from jaxmp.tasks import resolve_epochs
+    from jaxmp.run import Interrupted, TrainingStopped, run  # heavy imports after --help and flag errors
 
     try:
-        check_config(config)  # resolve_epochs divides by the batch sizes it checks
-        result = run(resolve_epochs(config))
+        result = run(config)
     except TrainingStopped as error:
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return 1
+    except Interrupted as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 128 + error.signum
     summary = result.summary
     params = distributed.to_host(result.state.params)  # multi-host: a whole copy in every process
     if not distributed.is_primary():  # process 0 alone reports, exports and samples
