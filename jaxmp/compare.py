@@ -19,6 +19,7 @@ flag is ``jaxmp.train``'s and applies to all of them. ``--out`` is the report di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -30,7 +31,7 @@ from typing import Any
 
 from jaxmp.cli import run_cli
 from jaxmp.config import TrainConfig, build_parser, config_from_args
-from jaxmp.errors import UsageError
+from jaxmp.errors import DataError, UsageError
 from jaxmp.precision import get_policy
 from jaxmp.scaling import NoOpLossScale, make_loss_scale
 
@@ -207,12 +208,9 @@ def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dic
     from jaxmp.run import TrainingStopped, run
 
     configs = _check(config, variants, out)
+    out_existed = out.exists()
     rows, curves, scaled = [], {}, {}
     for index, (variant, run_config) in enumerate(zip(variants, configs, strict=True), start=1):
-        print(
-            f"[{index}/{len(variants)}] {variant.name}: {variant.policy} (loss scale {variant.loss_scale})",
-            file=sys.stderr,
-        )
         status, memory, summary = "ok", None, {}
         try:
             result = run(
@@ -223,6 +221,16 @@ def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dic
             status = "interrupted" if result.interrupted_by is not None else status
         except TrainingStopped as error:
             status = str(error)
+        except (UsageError, DataError):  # bad data or --init: the first run finds it before writing
+            if not out_existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # made by that run's directory, now empty again
+            raise
+        print(
+            f"[{index}/{len(variants)}] {variant.name}: {variant.policy} (loss scale {variant.loss_scale}): "
+            f"{status}, val loss {_format(summary.get('final_val_loss'), '.4f')}",
+            file=sys.stderr,
+        )
         records = _records(out / variant.slug)
         rows.append(_row(variant, run_config, summary, records, memory) | {"status": status})
         curves[variant.name] = records

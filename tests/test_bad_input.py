@@ -221,6 +221,8 @@ COMPARE_CASES = [
     case("steps_0", "--steps", *_COMPARE, "--policies", "fp32", "--steps", "0"),
     case("out_is_a_file", "is a file", *_COMPARE, "--policies", "fp32", "--out", "{a_file}"),
     case("report_exists", "--overwrite", *_COMPARE, "--policies", "fp32", "--out", "{existing_report}"),
+    case("binary_data", "not UTF-8", *_COMPARE, "--policies", "fp32", "bf16", "--data", "{binary.bin}"),
+    case("truncated_init", "truncated", *_COMPARE, "--policies", "fp32", "--init", "{truncated}"),
 ]  # fmt: skip
 
 VERBS = {
