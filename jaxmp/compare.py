@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 def _compare_cli(argv: list[str] | None) -> int:
     parser = build_parser(_PROG, __doc__.splitlines()[0])
     parser.epilog = (
-        "--out is the report directory (default runs/compare-<time>); policy NAME trains into --out/NAME."
+        "--out is the report directory (default runs/compare-<time>); policy NAME trains into --out/NAME. "
+        "A --config file describes one run: its policy and out are ignored (--policies and --out set them)."
     )
     parser.add_argument(
         "--policies",
@@ -294,7 +295,7 @@ def _compare_cli(argv: list[str] | None) -> int:
         help="space-separated policies: presets, policy strings, POLICY@LOSS_SCALE, NAME-noscale",
     )
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    config = config_from_args(args, ignored_file_keys=("policy", "out"))  # a run's; see the epilog
     now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(config.out or f"runs/compare-{now}")
     rows = compare(config, parse_policies(args.policies, config.loss_scale), out)

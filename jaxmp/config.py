@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import json
+import os
+import reprlib
 import typing
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 from jaxmp.cli import UsageParser
+from jaxmp.errors import UsageError
 
-__all__ = ["TrainConfig", "build_parser", "config_from_args", "FLAG_GROUPS"]
+__all__ = [
+    "TrainConfig",
+    "build_parser",
+    "config_from_args",
+    "merge_config",
+    "read_config_file",
+    "FLAG_GROUPS",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +77,6 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in fields})
-
 
 FLAG_GROUPS = {
     "model and precision": ("model", "policy", "task", "init", "loss_scale", "param_update", "moment_dtype"),
@@ -105,6 +113,15 @@ _CHOICES = {
     "param_update": ("nearest", "stochastic", "kahan"),
     "moment_dtype": ("float32", "bfloat16"),
 }
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)  # field name -> type hint, in field order
+_IGNORED_FILE_KEYS = ("identity", "resume", "overwrite")  # a run's record; flags acting on --out
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_CONFIG_HELP = (
+    "JSON or YAML file (.json, .yaml, .yml) mapping TrainConfig fields (the flags below, with "
+    "underscores: seq_len) to values; a run's own config.json works as is. Flags given override it; "
+    "--steps also drops its epochs (a file setting both trains for epochs). Its resume and overwrite are "
+    "ignored (give them as flags), and so is a run's identity record"
+)
 
 
 def _field_comments() -> dict[str, str]:
@@ -126,12 +143,16 @@ def _without_none(hint: object) -> object:
 def build_parser(
     prog: str = "python -m jaxmp.train", description: str | None = None
 ) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per ``TrainConfig`` field, grouped, defaults shown."""
+    """An argparse parser with ``--config FILE`` and one flag per ``TrainConfig`` field, grouped.
+
+    The field flags default to ``argparse.SUPPRESS`` (their help shows ``TrainConfig``'s default), so the
+    parsed namespace holds exactly the flags given: :func:`config_from_args` lays them over the file's.
+    """
     parser = UsageParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    parser.add_argument("--config", metavar="FILE", default=None, help=_CONFIG_HELP)
     comments = _field_comments()
-    types = typing.get_type_hints(TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for title, names in FLAG_GROUPS.items():
         group = parser.add_argument_group(title)
@@ -139,20 +160,137 @@ def build_parser(
             exclusive = group.add_mutually_exclusive_group()  # _EXCLUSIVE's flags share one group
         for name in names:
             flag = "--" + name.replace("_", "-")
-            default = fields[name].default
-            if types[name] is bool:
-                group.add_argument(flag, action="store_true", help=comments[name])
+            shown = str(fields[name].default).replace("%", "%%")  # argparse formats help
+            options = {"default": argparse.SUPPRESS, "help": f"{comments[name]} (default: {shown})"}
+            if _FIELD_TYPES[name] is bool:
+                group.add_argument(flag, action="store_true", **options)
                 continue
-            kind = {int: int, float: float}.get(_without_none(types[name]), str)
+            kind = {int: int, float: float}.get(_without_none(_FIELD_TYPES[name]), str)
             (exclusive if name in _EXCLUSIVE else group).add_argument(
-                flag, type=kind, default=default, choices=_CHOICES.get(name), help=comments[name]
+                flag, type=kind, choices=_CHOICES.get(name), **options
             )
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+def config_from_args(args: argparse.Namespace, ignored_file_keys: Collection[str] = ()) -> TrainConfig:
+    """The config of a command line parsed by :func:`build_parser`: the flags given, over the
+    ``--config`` file's values (if any; less ``ignored_file_keys``), over ``TrainConfig``'s defaults."""
+    given = {name: value for name, value in vars(args).items() if name in _FIELD_TYPES}
+    from_file = read_config_file(args.config) if args.config else {}
+    return merge_config({k: v for k, v in from_file.items() if k not in ignored_file_keys}, given)
+
+
+def merge_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> TrainConfig:
+    """``TrainConfig`` with ``flag_values`` over ``file_values`` over its defaults.
+
+    ``steps`` in ``flag_values`` also drops ``epochs`` from ``file_values``: the two flags exclude each
+    other, while a file may set both (a classification run's config.json records the steps its epochs
+    came to), and then ``epochs`` decides the run's length.
+    """
+    values = dict(file_values)
+    if "steps" in flag_values:
+        values.pop("epochs", None)
+    return TrainConfig(**(values | dict(flag_values)))
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``TrainConfig`` values of a JSON or YAML file (chosen by extension), each checked.
+
+    Keys are ``TrainConfig`` field names; an int is accepted for a float field (and becomes a float).
+    A run's own ``config.json`` is read as written: its ``identity`` record is ignored, and so are
+    ``resume`` and ``overwrite``, which act on a run directory and are given as flags only.
+
+    Raises:
+      UsageError: naming ``path``: a missing, unreadable or unparsable file, one that is not a mapping,
+        an unknown key (with the nearest field name), a value of the wrong type or not one of the choices.
+    """
+    source = f"config file {path}"
+    record = _read_mapping(Path(path), source)
+    unknown = [str(key) for key in record if key not in _FIELD_TYPES and key not in _IGNORED_FILE_KEYS]
+    if unknown:
+        raise UsageError(f"{source}: " + "; ".join(_unknown_key_message(key) for key in unknown))
+    return {
+        name: _checked_value(name, value, source)
+        for name, value in record.items()
+        if name not in _IGNORED_FILE_KEYS
+    }
+
+
+def _read_mapping(path: Path, source: str) -> dict[Any, Any]:
+    """The parsed ``.json``/``.yaml``/``.yml`` file at ``path``, which must be a mapping."""
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise UsageError(f"{source}: give a .json, .yaml or .yml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"{source}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{source} is not UTF-8 text (bad byte at offset {error.start})") from None
+    record = _parse_json(text, source) if suffix == ".json" else _parse_yaml(text, source)
+    if record is None:
+        raise UsageError(f"{source} is empty; give a mapping of TrainConfig fields to values")
+    if not isinstance(record, dict):
+        raise UsageError(
+            f"{source} holds a {type(record).__name__}, not a mapping of TrainConfig fields to values"
+        )
+    return record
+
+
+def _parse_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(
+            f"{source} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    import yaml  # only for YAML files: --help and JSON configs stay fast
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise UsageError(f"{source} is not valid YAML ({problem}{where})") from None
+
+
+def _unknown_key_message(key: str) -> str:
+    nearest = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1)
+    hint = f"did you mean {nearest[0]!r}?" if nearest else "keys are TrainConfig field names, see --help"
+    return f"unknown key {key!r} ({hint})"
+
+
+def _checked_value(name: str, value: Any, source: str) -> Any:
+    """``value`` for field ``name`` if its type fits (an int widened for a float field), else UsageError."""
+    hint = _FIELD_TYPES[name]
+    kind = _without_none(hint)
+    optional = kind is not hint
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) == (kind is bool) and isinstance(
+        value, (int, float) if kind is float else kind
+    ):
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise UsageError(f"{source}: {name} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+        return float(value) if kind is float else value
+    expected = _TYPE_NAMES.get(kind, str(kind)) + (" or null" if optional else "")
+    advice = ""
+    if kind is float and isinstance(value, str) and _is_yaml_1_1_text_number(value):
+        advice = "; YAML reads an exponent without a decimal point as text: write 1.0e-3, not 1e-3"
+    raise UsageError(f"{source}: {name} must be {expected}, got {reprlib.repr(value)}{advice}")
+
+
+def _is_yaml_1_1_text_number(text: str) -> bool:
+    """Whether ``text`` is a number such as ``1e-3`` that YAML 1.1 (PyYAML) reads as a string."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "e" in text.lower() and "." not in text
 
 
 def default_run_dir(config: TrainConfig, now: str) -> Path:
