@@ -75,7 +75,7 @@ def load_model_and_batches(
             config = models.get_config(model, vocab_size=tokenizer.vocab_size)
         except ValueError as error:
             raise UsageError(f"--model: {error}; or give a run or Hugging Face directory") from None
-        if getattr(config, "task", None) != "lm" or isinstance(config, models.BertConfig):
+        if not models.is_causal_lm(config):
             raise UsageError(
                 f"--model {model} is not a causal language model; use a gpt2-* or llama-* preset"
             )

@@ -112,7 +112,7 @@ def _load_hf(directory: Path) -> tuple[Any, Any]:
         model, params = hf.from_pretrained(directory, "fp32")
     except (ValueError, OSError) as error:
         raise UsageError(f"--model {directory}: {str(error).splitlines()[0]}") from None
-    if isinstance(model.config, models.BertConfig) or model.config.task != "lm":
+    if not models.is_causal_lm(model.config):
         raise UsageError(f"--model {directory} is not a causal language model; give a GPT-2 or Llama LM")
     return model, params
 

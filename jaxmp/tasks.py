@@ -90,7 +90,7 @@ def _mean_eval(eval_step: Callable, params: Any, batches: Iterator[Batch]) -> di
 
 def _require_causal(model_config: Any, name: str) -> None:
     """Refuses a model ``--task lm`` cannot train: a BERT encoder, or a model with another head."""
-    if getattr(model_config, "task", "lm") != "lm" or isinstance(model_config, models.BertConfig):
+    if not models.is_causal_lm(model_config):
         raise UsageError(f"--task lm trains causal models; {name} is not one (use a GPT-2 or Llama model)")
 
 

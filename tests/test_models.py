@@ -251,3 +251,10 @@ def test_bad_inputs_are_value_errors():
     llama, llama_params = _small("llama-tiny")
     with pytest.raises(ValueError, match="no token types"):
         llama.apply({"params": llama_params}, _ids(), token_type_ids=jnp.zeros((2, 10), jnp.int32))
+
+
+def test_is_causal_lm_names_the_models_that_generate():
+    assert models.is_causal_lm(models.get_config("gpt2-tiny"))
+    assert models.is_causal_lm(models.get_config("llama-tiny"))
+    assert not models.is_causal_lm(models.get_config("bert-tiny"))
+    assert not models.is_causal_lm(models.get_config("gpt2-tiny", task="none"))  # hidden states only

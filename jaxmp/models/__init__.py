@@ -27,6 +27,7 @@ from jaxmp.models.registry import (
     get_config,
     get_model,
     init_params,
+    is_causal_lm,
     stack_layer_params,
     unstack_layer_params,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "create_model",
     "get_model",
     "init_params",
+    "is_causal_lm",
     "count_params",
     "stack_layer_params",
     "unstack_layer_params",

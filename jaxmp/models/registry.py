@@ -21,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "get_config",
+    "is_causal_lm",
     "create_model",
     "get_model",
     "init_params",
@@ -75,6 +76,12 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     if unknown:
         raise ValueError(f"{name} has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(fields))}")
     return dataclasses.replace(config, **overrides)
+
+
+def is_causal_lm(config: ModelConfig) -> bool:
+    """True for a GPT-2 or Llama config with a language-model head (what training ``lm``, generation
+    and perplexity need); False for BERT and for heads of other tasks."""
+    return not isinstance(config, BertConfig) and getattr(config, "task", "lm") == "lm"
 
 
 def create_model(config: ModelConfig, policy: Policy | str = "fp32") -> nn.Module:
