@@ -21,7 +21,6 @@ from common import interleaved_times, lm_train_step, markdown_table, median, rep
 from policies import SHAPES
 
 from jaxmp import fastdot
-from jaxmp.models import layers
 
 KERNEL_SHAPES = ((2048, 2048, 2048), (2048, 256, 1024), (1024, 768, 3072))
 
@@ -74,12 +73,12 @@ def steps(shape: str, repeats: int) -> list[dict]:
             ("before", plain_matmul, xla_attention),
             ("after", fastdot.matmul, fastdot.attention),
         ):
-            originals = layers._matmul, fastdot.attention
-            layers._matmul, fastdot.attention = matmul, attention  # both read when the step is traced
+            originals = fastdot.matmul, fastdot.attention
+            fastdot.matmul, fastdot.attention = matmul, attention  # both read when the step is traced
             try:
                 step = lm_train_step(preset, policy, batch_size, seq_len)
             finally:
-                layers._matmul, fastdot.attention = originals
+                fastdot.matmul, fastdot.attention = originals
             candidates[f"{policy} {when}"] = step.run_once
             compiled[f"{policy} {when}"] = step
     times = interleaved_times(candidates, repeats)

@@ -20,7 +20,7 @@ from jaxmp.optim import current_learning_rate
 from jaxmp.precision import Policy, get_policy
 from jaxmp.scaling import LossScale, NoOpLossScale
 
-__all__ = ["TrainState", "make_train_step", "make_eval_step", "first_nonfinite_leaf", "leaf_paths"]
+__all__ = ["TrainState", "make_train_step", "make_eval_step", "leaf_paths"]
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -95,11 +95,6 @@ def _gradient_checks(grads: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     first = jnp.where(any_nonfinite, jnp.argmax(nonfinite), -1).astype(jnp.int32)
     zero_fraction = jnp.where(nonfinite, 0.0, sums).sum() / sum(g.size for g in leaves)
     return ~any_nonfinite, first, zero_fraction
-
-
-def first_nonfinite_leaf(tree: Any) -> jax.Array:
-    """int32 index (in ``jax.tree.leaves`` order) of the first leaf with a non-finite value, or -1."""
-    return _gradient_checks(tree)[1]
 
 
 def make_train_step(

@@ -71,15 +71,6 @@ def _last_axis(vector_D: jax.Array, ndim: int) -> jax.Array:
     return vector_D.reshape((1,) * (ndim - 1) + vector_D.shape)
 
 
-def _matmul(x: jax.Array, w: jax.Array, w_contract_axis: int = 0) -> jax.Array:
-    """``x[..., K] @ w`` contracting ``w``'s axis ``w_contract_axis``, on ``x``'s dtype; fp32 result.
-
-    :func:`jaxmp.fastdot.matmul`: its backward dots also take compute-dtype inputs and fp32 accumulation,
-    and it keeps the master ``w`` (not a compute-dtype copy) for the backward pass.
-    """
-    return fastdot.matmul(x, w, w_contract_axis)
-
-
 class PolicyModule(nn.Module):
     """A layer whose dtypes are read from ``policy`` at its own scope path.
 
@@ -128,7 +119,7 @@ class Dense(PolicyModule):
         kernel_KxF = self.param(
             "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features), self.param_dtype
         )
-        y = _matmul(x_BxLxK.astype(self.dtype), kernel_KxF)
+        y = fastdot.matmul(x_BxLxK.astype(self.dtype), kernel_KxF)  # fp32 accumulation
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + _last_axis(bias_F.astype(self.dtype), y.ndim)
@@ -522,7 +513,7 @@ class LogitsHead(PolicyModule):
         else:
             kernel, contract_axis = tied_embedding_FxD, 1
         logits_dtype = self.policy.for_module(f"{self.module_path}/logits").compute_dtype
-        accumulator = _matmul(x_BxLxD.astype(self.dtype), kernel, contract_axis)
+        accumulator = fastdot.matmul(x_BxLxD.astype(self.dtype), kernel, contract_axis)
         logits = accumulator.astype(logits_dtype)  # fp32 island: final logits
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
