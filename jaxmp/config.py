@@ -68,6 +68,8 @@ class TrainConfig:
     max_consecutive_skips: int = 100  # stop after this many non-finite micro-steps in a row
     export_hf: str | None = None  # also write the final model as a Hugging Face directory
     sample_tokens: int = 300  # tokens of text generated at the end of an lm run (0: none)
+    no_tensorboard: bool = False  # do not write TensorBoard event files (RUN_DIR/tensorboard/)
+    wandb: str | None = None  # also log to this Weights & Biases project (needs the wandb package)
     # devices and hosts
     mesh: str | None = None  # device mesh, e.g. data=4,fsdp=2 or fsdp=8 (none: every device on data)
     coordinator: str | None = None  # multi-host: process 0's HOST:PORT (same in all processes), or auto
@@ -104,6 +106,8 @@ FLAG_GROUPS = {
         "max_consecutive_skips",
         "export_hf",
         "sample_tokens",
+        "no_tensorboard",
+        "wandb",
     ),
     "devices and hosts": ("mesh", "coordinator", "num_processes", "process_id"),
 }

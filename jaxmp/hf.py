@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
-import transformers
 from flax import traverse_util
 
 from jaxmp.files import atomic_write, write_text_atomically
@@ -46,6 +45,29 @@ from jaxmp.precision import Policy, get_policy
 __all__ = ["from_pretrained", "save_pretrained", "save_tokenizer", "cast_params"]
 
 _LOG = logging.getLogger(__name__)
+_NO_ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+
+
+def _import_transformers():
+    """``import transformers`` without its "PyTorch was not found" advice, which every run would print:
+    jaxmp's models are its own Flax code, and it uses only transformers' configs and tokenizers.
+
+    transformers reads ``TRANSFORMERS_NO_ADVISORY_WARNINGS`` when it advises; it is set for the
+    import only, so the user's environment and transformers' later advice stay as they were.
+    """
+    previous = os.environ.get(_NO_ADVICE)
+    os.environ[_NO_ADVICE] = "1"
+    try:
+        import transformers
+    finally:
+        if previous is None:
+            del os.environ[_NO_ADVICE]
+        else:
+            os.environ[_NO_ADVICE] = previous
+    return transformers
+
+
+transformers = _import_transformers()
 
 
 @dataclasses.dataclass(frozen=True)

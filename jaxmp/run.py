@@ -1,9 +1,9 @@
 """The training loop behind ``python -m jaxmp.train`` (and ``jaxmp.compare``).
 
 ``run(config)`` checks every input before writing anything, then trains, logging one
-``metrics.jsonl`` record per ``log_every`` updates, evaluating, checkpointing, and
-writing ``summary.json``. Metrics are fetched one micro-step late, so the host never
-waits on the step it has just dispatched.
+record per ``log_every`` updates (``metrics.jsonl``, TensorBoard, W&B, progress; see
+``jaxmp.metrics_log``), evaluating, checkpointing, and writing ``summary.json``. Metrics are
+fetched one micro-step late, so the host never waits on the step it has just dispatched.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 
 from jaxmp import distributed, lowp, optim, precision, scaling, sharding
 from jaxmp.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError
 from jaxmp.config import TrainConfig, default_run_dir
 from jaxmp.errors import UsageError
+from jaxmp.metrics_log import MetricsLog, check_wandb, open_metrics_log, progress_style
 from jaxmp.run_dir import RunDir
 from jaxmp.tasks import Task, build_task, resolve_epochs
 from jaxmp.train_step import TrainState, leaf_paths
@@ -65,6 +65,8 @@ RESUMABLE_CHANGES = frozenset(
         "coordinator",
         "num_processes",
         "process_id",
+        "no_tensorboard",
+        "wandb",
     }
 )
 _MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
@@ -120,6 +122,8 @@ def check_config(config: TrainConfig) -> precision.Policy:
         scaling.make_loss_scale(config.loss_scale, policy)
     except ValueError as error:
         raise UsageError(f"--policy/--loss-scale: {error}") from None
+    if config.wandb:
+        check_wandb()
     return policy
 
 
@@ -143,31 +147,6 @@ class _Signals:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-class _Window:
-    """Host-side bookkeeping of one logging interval."""
-
-    def __init__(self, losses: list[float] | None = None):
-        self.losses: list[float] = list(losses or [])
-        self.tokens = 0
-        self.started = time.perf_counter()
-
-    def record(self, update: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        finite = [loss for loss in self.losses if np.isfinite(loss)]
-        record = {
-            "step": update,
-            "loss": float(np.mean(finite)) if finite else float("nan"),
-            "loss_scale": float(metrics["loss_scale"]),
-            "skipped_steps": int(metrics["skipped_steps"]),
-            "tokens_per_s": self.tokens / elapsed,
-            "grad_norm": float(metrics["grad_norm"]),
-            "learning_rate": float(metrics["learning_rate"]),
-            "grad_zero_fraction": float(metrics["grad_zero_fraction"]),
-        }
-        self.__init__()
-        return record
 
 
 class _FollowerRunDir(RunDir):
@@ -252,13 +231,19 @@ def _make_state(
 
 
 def run(
-    config: TrainConfig, *, show_progress: bool | None = None, log: Callable[[str], None] | None = None
+    config: TrainConfig, *, show_progress: bool = True, log: Callable[[str], None] | None = None
 ) -> RunResult:
     """Trains as ``config`` says. Bad input raises ``UsageError``/``DataError`` before any file is written.
 
     The run directory is locked for the whole run; a run that fails before training starts leaves
     the directory as it found it. With ``coordinator`` set, every process of a multi-host run calls
     this with the same config; process 0 alone writes the run directory's files and logs.
+
+    Args:
+      config: the run's settings.
+      show_progress: a progress bar when stderr is a terminal, else one line per record through
+        ``log``; False shows none.
+      log: where messages go (default: stderr).
 
     Raises:
       TrainingStopped: after ``max_consecutive_skips`` non-finite micro-steps in a row, a state with
@@ -288,29 +273,30 @@ def run(
         _check_resumed_config(config, run_dir.saved_config)
     with _Signals() as signals:  # from here on SIGINT/SIGTERM stop the run between steps, cleanly
         run_dir.lock()
+        metrics_log = MetricsLog(run_dir)
         try:
             task, state, train_step, checkpointer, window_losses = _prepare(
                 config, policy, mesh, run_dir, log
             )
+            metrics_log = open_metrics_log(
+                config,
+                run_dir,
+                start_update=int(state.step) // config.accum_steps,
+                window_losses=window_losses,
+                progress=progress_style(show_progress),
+                emit=log,
+                primary=primary,
+            )
             if signals.received is not None:
                 raise Interrupted(signals.received)
         except BaseException:
+            metrics_log.close()
             run_dir.abandon()
             raise
         try:
-            return _train(
-                config,
-                task,
-                state,
-                train_step,
-                checkpointer,
-                run_dir,
-                window_losses,
-                signals,
-                show_progress,
-                log,
-            )
+            return _train(config, task, state, train_step, checkpointer, run_dir, metrics_log, signals, log)
         finally:
+            metrics_log.close()
             run_dir.release()
 
 
@@ -390,24 +376,17 @@ def _restore(checkpointer: Checkpointer, state: TrainState, step: int) -> tuple[
 
 
 def _train(
-    config, task, state, train_step, checkpointer, run_dir, window_losses, signals, show_progress, log
+    config, task, state, train_step, checkpointer, run_dir, metrics_log: MetricsLog, signals, log
 ) -> RunResult:
     accum = config.accum_steps
     total_micro = config.steps * accum
     start_micro = int(state.step)
     paths = leaf_paths(state.params)
-    window = _Window(window_losses)
-    # A resumed run that had evaluated keeps reporting that evaluation until it evaluates again.
-    evaluated = {k: v for k, v in run_dir.last_metrics().items() if k.startswith("val_")}
     consecutive_skips, pending = 0, None
     started = time.perf_counter()
     # Wall time between consecutive finished micro-steps; the median leaves out compilation and evaluation.
     step_seconds: list[float] = []
     last_finished = started
-    show = sys.stderr.isatty() if show_progress is None else show_progress
-    bar = tqdm.tqdm(
-        total=config.steps, initial=start_micro // accum, disable=not show, unit="step", leave=False
-    )
 
     def save(micro: int, losses: list[float]) -> None:
         """Checkpoints ``state`` after ``micro`` micro-steps, with the logging window's losses so far."""
@@ -426,12 +405,11 @@ def _train(
 
     def handle(micro: int, metrics: dict[str, Any]) -> None:
         """Host-side work for finished micro-step ``micro`` (0-based), one step late."""
-        nonlocal consecutive_skips, evaluated, last_finished
+        nonlocal consecutive_skips, last_finished
         now = time.perf_counter()
         step_seconds.append(now - last_finished)
         last_finished = now
-        window.losses.append(float(metrics["loss"]))
-        window.tokens += task.tokens_per_batch
+        metrics_log.add(float(metrics["loss"]), task.tokens_per_batch)
         consecutive_skips = 0 if metrics["grads_finite"] else consecutive_skips + 1
         if config.max_consecutive_skips and consecutive_skips >= config.max_consecutive_skips:
             where = paths[int(metrics["nonfinite_leaf"])]
@@ -446,19 +424,12 @@ def _train(
         if (micro + 1) % accum:
             return
         update = (micro + 1) // accum
-        bar.update(1)
+        metrics_log.advance()
         if update % config.log_every == 0 or update == config.steps:
-            record = window.record(update, metrics)
+            record = metrics_log.end_window(update, metrics)
             if (config.eval_every and update % config.eval_every == 0) or update == config.steps:
-                evaluated = task.evaluate(state.params)
-                record.update(evaluated)
-            run_dir.append_metrics(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-                scale=f"{record['loss_scale']:g}",
-                skipped=record["skipped_steps"],
-            )
+                record.update(task.evaluate(state.params))
+            metrics_log.write(record)
 
     micro = start_micro
     for micro in range(start_micro, total_micro):
@@ -470,29 +441,29 @@ def _train(
         if update_done and config.save_every and ((micro + 1) // accum) % config.save_every == 0:
             handle(micro, jax.device_get(pending))
             pending = None
-            save(micro + 1, window.losses)
+            save(micro + 1, metrics_log.window.losses)
         if signals.received is not None:
             if pending is not None:
                 handle(micro, jax.device_get(pending))
-            save(micro + 1, window.losses)
-            bar.close()
+            save(micro + 1, metrics_log.window.losses)
+            metrics_log.close()
             log(
                 f"interrupted by signal {signals.received}: checkpoint saved at micro-step {micro + 1}; "
                 f"continue with --resume"
             )
             timing = (started, start_micro, step_seconds)
-            summary = _summary(config, task, state, run_dir, evaluated, *timing, interrupted=True)
+            summary = _summary(config, task, state, metrics_log, *timing, interrupted=True)
             run_dir.write_summary(summary)
             return RunResult(
                 summary, state, task, run_dir, interrupted_by=signals.received, train_step=train_step
             )
     if pending is not None:
         handle(micro, jax.device_get(pending))
-    bar.close()
+    metrics_log.close()
     if checkpointer.latest_step() != total_micro:
         save(total_micro, [])
     summary = _summary(
-        config, task, state, run_dir, evaluated, started, start_micro, step_seconds, interrupted=False
+        config, task, state, metrics_log, started, start_micro, step_seconds, interrupted=False
     )
     run_dir.write_summary(summary)
     return RunResult(summary, state, task, run_dir, train_step=train_step)
@@ -514,11 +485,10 @@ def _write_failure(error: Exception) -> str:
 
 
 def _summary(
-    config, task, state, run_dir, evaluated, started, start_micro, step_seconds, *, interrupted
+    config, task, state, metrics_log: MetricsLog, started, start_micro, step_seconds, *, interrupted
 ) -> dict[str, Any]:
     wall = time.perf_counter() - started
     micro_steps = int(state.step) - start_micro
-    last = run_dir.last_metrics()
     return {
         "policy": str(precision.get_policy(config.policy)),
         "model": task.identity["model"],
@@ -526,8 +496,8 @@ def _summary(
         "steps": int(state.step) // config.accum_steps,
         "micro_steps": int(state.step),
         "interrupted": interrupted,
-        "final_train_loss": last.get("loss"),
-        **{f"final_{k}": v for k, v in evaluated.items()},
+        "final_train_loss": metrics_log.last_record.get("loss"),
+        **{f"final_{k}": v for k, v in metrics_log.evaluation.items()},
         "wall_seconds": wall,
         "tokens_per_s": micro_steps * task.tokens_per_batch / max(wall, 1e-9),
         "step_time_s": float(np.median(step_seconds)) if step_seconds else None,  # per micro-step

@@ -1,4 +1,5 @@
-"""The run directory: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``, ``cache/``.
+"""The run directory: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``checkpoints/``,
+``tensorboard/``, ``cache/``.
 
 A run directory has one owner at a time: ``lock`` takes an exclusive ``flock`` on its
 ``.lock`` file, which the operating system releases when the process ends however it
@@ -36,7 +37,7 @@ class RunDir:
       overwrite: replace the jaxmp run there (never anything else).
     """
 
-    OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "cache")
+    OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "cache")
 
     def __init__(self, path: str | os.PathLike, *, resume: bool, overwrite: bool):
         self.path = Path(path)
@@ -77,6 +78,10 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
 
     @property
     def cache_dir(self) -> Path:
@@ -214,11 +219,6 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as metrics:
             metrics.write(json.dumps(record) + "\n")
-
-    def last_metrics(self) -> dict[str, Any]:
-        """The newest ``metrics.jsonl`` record ({} when there is none)."""
-        records = self.records()
-        return records[-1] if records else {}
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
