@@ -41,7 +41,11 @@ def assert_states_equal(a, b):
 def test_train_state_survives_jit_lower_and_tree_map():
     state = make_state()
     assert_states_equal(jax.jit(lambda s: s)(state), state)
-    assert jax.jit(lambda s: s.step + 1).lower(state).compile() is not None
+    lowered = jax.jit(lambda s: s.replace(step=s.step + 1)).lower(state)
+    assert len(jax.tree.leaves(lowered.args_info)) == len(jax.tree.leaves(state))  # every field an input
+    stepped = lowered.compile()(state)
+    assert int(stepped.step) == int(state.step) + 1
+    assert_states_equal(stepped.replace(step=state.step), state)
     shapes = jax.tree.map(lambda x: x.shape, state.replace(rng=jax.random.key_data(state.rng)))
     assert shapes.params["w"] == (4, 3) and shapes.loss_scale.min_scale == ()
 

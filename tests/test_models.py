@@ -57,26 +57,45 @@ def _ids(batch=2, length=10, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, 64)
 
 
-def test_every_preset_declares_vocab_size_and_max_positions():
-    assert set(models.PRESETS) == {
-        "gpt2-tiny",
-        "gpt2",
-        "gpt2-medium",
-        "bert-tiny",
-        "bert-base",
-        "llama-tiny",
-        "llama-1b",
-    }
-    for config in models.PRESETS.values():
-        assert config.vocab_size > 0 and config.max_positions > 0
-    tiny = models.get_config("gpt2-tiny")
-    assert (tiny.n_layers, tiny.d_model, tiny.n_heads, tiny.vocab_size, tiny.max_positions) == (
-        4,
-        256,
-        4,
-        256,
-        256,
+# (vocab_size, max_positions, d_model, n_layers, n_heads, d_ff) as published: GPT-2 small and medium
+# (Radford et al. 2019, Hugging Face gpt2 / gpt2-medium), BERT-Tiny and BERT-Base uncased (Turc et al.
+# 2019, Devlin et al. 2018), Llama-3.2-1B (Meta's config.json); the tiny presets are jaxmp's own.
+PUBLISHED_SHAPES = {
+    "gpt2-tiny": (256, 256, 256, 4, 4, 1024),
+    "gpt2": (50257, 1024, 768, 12, 12, 3072),
+    "gpt2-medium": (50257, 1024, 1024, 24, 16, 4096),
+    "bert-tiny": (30522, 512, 128, 2, 2, 512),
+    "bert-base": (30522, 512, 768, 12, 12, 3072),
+    "llama-tiny": (256, 256, 256, 4, 4, 688),
+    "llama-1b": (128256, 131072, 2048, 16, 32, 8192),
+}
+
+
+def test_presets_have_their_published_shapes():
+    assert set(models.PRESETS) == set(PUBLISHED_SHAPES)
+    for name, shape in PUBLISHED_SHAPES.items():
+        config = models.get_config(name)
+        got = (
+            config.vocab_size,
+            config.max_positions,
+            config.d_model,
+            config.n_layers,
+            config.n_heads,
+            config.d_ff,
+        )
+        assert got == shape, name
+    llama = models.get_config("llama-1b")
+    assert (llama.n_kv_heads, llama.head_dim, llama.rope_theta, llama.tie_embeddings) == (
+        8,
+        64,
+        500000.0,
+        True,
     )
+    assert llama.rope_scaling is not None and models.get_config("llama-tiny").rope_scaling is None
+    tiny = models.get_model("gpt2-tiny")
+    shapes = jax.eval_shape(lambda: models.init_params(tiny, jax.random.key(0), 8))
+    # embeddings (256 x 256, twice) + 4 blocks of 789,760 + the final norm; the head is tied
+    assert models.count_params(shapes) == 2 * 256 * 256 + 4 * 789_760 + 2 * 256 == 3_290_624
     assert models.get_config("gpt2-tiny", vocab_size=50257).vocab_size == 50257
 
 

@@ -150,7 +150,8 @@ def assert_same_fields(a, b):
 def test_every_field_survives_jit_lower_tree_map_and_flatten(state):
     assert_same_fields(jax.jit(lambda s: s)(state), state)
     lowered = jax.jit(lambda s: s.adjust(jnp.asarray(False))).lower(state)
-    assert lowered.compile() is not None
+    assert len(jax.tree.leaves(lowered.args_info)) == len(state._fields)
+    assert_same_fields(lowered.compile()(state), state.adjust(jnp.asarray(False)))
     leaves, treedef = jax.tree.flatten(state)
     assert_same_fields(jax.tree.unflatten(treedef, leaves), state)
     as_strings = jax.tree.map(lambda x: f"{x.dtype}", state)  # tree_map to non-arrays
