@@ -21,8 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import run_params
 
-from jaxmp import models
 from jaxmp.checkpoint import Checkpointer
 
 COMBOS = [  # (save_every, log_every, accum_steps, steps, kills)
@@ -34,9 +34,12 @@ SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
 TIMINGS = ("tokens_per_s", "wall_seconds", "step_time_s")
 
 
-def command(corpus: Path, out: Path, save_every: int, log_every: int, accum: int, steps: int) -> list[str]:
+def command(
+    corpus: Path, model_dir: Path, out: Path, save_every: int, log_every: int, accum: int, steps: int
+) -> list[str]:
     return [
         sys.executable, "-m", "jaxmp.train", "--data", str(corpus), "--policy", "fp32", "--out", str(out),
+        "--init", str(model_dir),
         "--steps", str(steps), "--batch-size", "2", "--seq-len", "16", "--accum-steps", str(accum),
         "--save-every", str(save_every), "--log-every", str(log_every), "--eval-every", "6",
         "--eval-batches", "1", "--sample-tokens", "0", "--warmup-steps", "2",
@@ -97,12 +100,6 @@ def comparable_summary(out: Path) -> dict:
     return {k: v for k, v in summary.items() if k not in TIMINGS}
 
 
-def final_params(out: Path):
-    model = models.get_model("gpt2-tiny", "fp32", vocab_size=256)
-    target = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 16))
-    return Checkpointer(out / "checkpoints").restore_params(target)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Subprocess environment sharing one compilation cache, so restarts skip recompiling."""
@@ -116,7 +113,7 @@ def env(tmp_path_factory):
     }
 
 
-def run_chain(tmp_path: Path, env: dict, combo: tuple) -> list[int]:
+def run_chain(tmp_path: Path, env: dict, model_dir: Path, combo: tuple) -> list[int]:
     """Trains ``combo``'s run straight and as a chain of killed and resumed processes; checks that
     both end equal and returns the signals delivered."""
     save_every, log_every, accum, steps, kills = combo
@@ -124,7 +121,9 @@ def run_chain(tmp_path: Path, env: dict, combo: tuple) -> list[int]:
     corpus.write_text("Now is the winter of our discontent made glorious summer. " * 200)
     straight, chain = tmp_path / "straight", tmp_path / "chain"
     args = (save_every, log_every, accum, steps)
-    done = subprocess.run(command(corpus, straight, *args), env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        command(corpus, model_dir, straight, *args), env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
 
     rng = random.Random(f"{combo}")
@@ -132,7 +131,7 @@ def run_chain(tmp_path: Path, env: dict, combo: tuple) -> list[int]:
     while len(delivered) < kills and not finished(chain):
         resume = ["--resume"] if (chain / "config.json").exists() else []
         process = subprocess.Popen(
-            [*command(corpus, chain, *args), *resume],
+            [*command(corpus, model_dir, chain, *args), *resume],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -156,7 +155,7 @@ def run_chain(tmp_path: Path, env: dict, combo: tuple) -> list[int]:
     if not finished(chain):
         resume = ["--resume"] if (chain / "config.json").exists() else []
         done = subprocess.run(
-            [*command(corpus, chain, *args), *resume], env=env, capture_output=True, text=True
+            [*command(corpus, model_dir, chain, *args), *resume], env=env, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
 
@@ -166,15 +165,15 @@ def run_chain(tmp_path: Path, env: dict, combo: tuple) -> list[int]:
     ours = Checkpointer(chain / "checkpoints").read_metadata()
     theirs = Checkpointer(straight / "checkpoints").read_metadata()
     assert ours["checksums"] == theirs["checksums"]  # every leaf of the state: params, moments, scale, rng
-    jax.tree.map(np.testing.assert_array_equal, final_params(chain), final_params(straight))
+    jax.tree.map(np.testing.assert_array_equal, run_params(chain), run_params(straight))
     return delivered
 
 
-def test_twenty_kills_then_resumes_end_bitwise_equal(tmp_path, env):
+def test_twenty_kills_then_resumes_end_bitwise_equal(tmp_path, env, tiny_lm_dir):
     delivered = []
     for index, combo in enumerate(COMBOS):
         folder = tmp_path / f"combo{index}"
         folder.mkdir()
-        delivered += run_chain(folder, env, combo)
+        delivered += run_chain(folder, env, tiny_lm_dir, combo)
     assert len(delivered) >= 20, f"only {len(delivered)} kills landed before the runs ended"
     assert set(delivered) == set(SIGNALS)

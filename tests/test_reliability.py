@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import run_params
 from test_checkpoint import make_state
 from test_run_dir import tree
-from test_train_cli import params_of
 
 from jaxmp.checkpoint import Checkpointer, NonFiniteStateError
 from jaxmp.train import main
@@ -26,25 +26,26 @@ ARGS = ["--policy", "fp32", "--batch-size", "2", "--seq-len", "16", "--eval-batc
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def data(tmp_path_factory, tiny_lm_dir):
+    """Flags for a small corpus and the tiny model (checkpoints of about 0.5 MB)."""
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("Now is the winter of our discontent made glorious summer. " * 200)
-    return path
+    return ["--data", str(path), "--init", str(tiny_lm_dir)]
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(tmp_path_factory, corpus):
+def interrupted_run(tmp_path_factory, data):
     """A run of 6 updates whose process 'died' after its checkpoint at update 4 (the newer one removed)."""
     out = tmp_path_factory.mktemp("runs") / "interrupted"
-    assert main([*ARGS, "--data", str(corpus), "--steps", "6", "--save-every", "2", "--keep-checkpoints", "3",
+    assert main([*ARGS, *data, "--steps", "6", "--save-every", "2", "--keep-checkpoints", "3",
                  "--out", str(out)]) == 0  # fmt: skip
     shutil.rmtree(out / "checkpoints" / "6")
     (out / "summary.json").unlink()
     return out
 
 
-def resume(corpus, out, *extra):
-    return main([*ARGS, "--data", str(corpus), "--steps", "6", "--save-every", "2", "--keep-checkpoints", "3",
+def resume(data, out, *extra):
+    return main([*ARGS, *data, "--steps", "6", "--save-every", "2", "--keep-checkpoints", "3",
                  "--out", str(out), "--resume", *extra])  # fmt: skip
 
 
@@ -61,10 +62,10 @@ def array_files(step_dir: Path) -> list[str]:
 def flip_bytes(step_dir: Path) -> None:
     """Flips bytes in the largest array file, where the weights and Adam moments are."""
     path = array_files(step_dir)[-1]
-    data = bytearray(Path(path).read_bytes())
-    for offset in range(len(data) // 3, len(data) // 3 + 64, 8):
-        data[offset] ^= 0x40
-    Path(path).write_bytes(bytes(data))
+    content = bytearray(Path(path).read_bytes())
+    for offset in range(len(content) // 3, len(content) // 3 + 64, 8):
+        content[offset] ^= 0x40
+    Path(path).write_bytes(bytes(content))
 
 
 def truncate_arrays(step_dir: Path) -> None:
@@ -88,21 +89,19 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
-def test_damaged_checkpoint_is_refused_naming_the_older_one(
-    tmp_path, corpus, interrupted_run, damage, capsys
-):
+def test_damaged_checkpoint_is_refused_naming_the_older_one(tmp_path, data, interrupted_run, damage, capsys):
     out = tmp_path / "run"
     shutil.copytree(interrupted_run, out)
     damage_step, named = DAMAGES[damage]
     damage_step(out / "checkpoints" / "4")
     before = tree(out)
-    assert resume(corpus, out) == 2
+    assert resume(data, out) == 2
     err = one_line(capsys)
     assert named in err and "checkpoints/4" in err and "resume from micro-step 2" in err, err
     assert tree(out) == before
 
 
-def test_other_run_directory_damage_is_one_line(tmp_path, corpus, interrupted_run, capsys):
+def test_other_run_directory_damage_is_one_line(tmp_path, data, interrupted_run, capsys):
     for name, damage in {
         "config.json": lambda out: (out / "config.json").write_text('{"identity"'),
         "metrics.jsonl": lambda out: (out / "metrics.jsonl").write_text(
@@ -113,28 +112,26 @@ def test_other_run_directory_damage_is_one_line(tmp_path, corpus, interrupted_ru
         shutil.copytree(interrupted_run, out)
         damage(out)
         before = tree(out)
-        assert resume(corpus, out) == 2
+        assert resume(data, out) == 2
         assert name in one_line(capsys)
         assert tree(out) == before
 
 
-def test_a_torn_last_metrics_line_resumes_exactly(tmp_path, corpus, interrupted_run):
+def test_a_torn_last_metrics_line_resumes_exactly(tmp_path, data, interrupted_run):
     straight = tmp_path / "straight"
-    assert (
-        main([*ARGS, "--data", str(corpus), "--steps", "6", "--save-every", "2", "--out", str(straight)]) == 0
-    )
+    assert main([*ARGS, *data, "--steps", "6", "--save-every", "2", "--out", str(straight)]) == 0
     out = tmp_path / "run"
     shutil.copytree(interrupted_run, out)
     with (out / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 7, "lo')  # the process died while appending
-    assert resume(corpus, out) == 0
+    assert resume(data, out) == 0
     without_timing = [
         {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
         for run in (out, straight)
         for line in (run / "metrics.jsonl").read_text().splitlines()
     ]
     assert without_timing[:6] == without_timing[6:]
-    jax.tree.map(np.testing.assert_array_equal, params_of(out), params_of(straight))
+    jax.tree.map(np.testing.assert_array_equal, run_params(out), run_params(straight))
 
 
 @pytest.mark.parametrize(
@@ -148,32 +145,27 @@ def test_a_torn_last_metrics_line_resumes_exactly(tmp_path, corpus, interrupted_
         (["--steps", "3"], "steps: 6 -> 3"),
     ],
 )
-def test_resume_with_other_settings_is_refused(tmp_path, corpus, interrupted_run, flags, named, capsys):
+def test_resume_with_other_settings_is_refused(tmp_path, data, interrupted_run, flags, named, capsys):
     out = tmp_path / "run"
     shutil.copytree(interrupted_run, out)
     before = tree(out)
-    assert resume(corpus, out, *flags) == 2
+    assert resume(data, out, *flags) == 2
     assert named in one_line(capsys)
     assert tree(out) == before
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path, corpus, capsys):
+def test_resuming_a_finished_run_changes_nothing(tmp_path, data, capsys):
     out = tmp_path / "run"
-    assert main([*ARGS, "--data", str(corpus), "--steps", "3", "--save-every", "2", "--out", str(out)]) == 0
+    assert main([*ARGS, *data, "--steps", "3", "--save-every", "2", "--out", str(out)]) == 0
     capsys.readouterr()
     assert "final_val_loss" in json.loads((out / "summary.json").read_text())
     before = tree(out)
-    assert (
-        main(
-            [*ARGS, "--data", str(corpus), "--steps", "3", "--save-every", "2", "--out", str(out), "--resume"]
-        )
-        == 2
-    )
+    assert main([*ARGS, *data, "--steps", "3", "--save-every", "2", "--out", str(out), "--resume"]) == 2
     assert "already finished its 3 steps" in one_line(capsys)
     assert tree(out) == before
 
 
-def test_hyper_parameters_must_be_finite(tmp_path, corpus, capsys):
+def test_hyper_parameters_must_be_finite(tmp_path, data, capsys):
     out = tmp_path / "run"
     for flags, named in [
         (["--lr", "inf"], "--lr"),
@@ -187,7 +179,7 @@ def test_hyper_parameters_must_be_finite(tmp_path, corpus, capsys):
         (["--eval-batches", "0"], "--eval-batches"),
         (["--sample-tokens", "20", "--seq-len", "1"], "--seq-len"),
     ]:
-        assert main([*ARGS, "--data", str(corpus), "--steps", "2", "--out", str(out), *flags]) == 2, flags
+        assert main([*ARGS, *data, "--steps", "2", "--out", str(out), *flags]) == 2, flags
         assert named in one_line(capsys)
         assert not out.exists()
 
@@ -201,9 +193,9 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     assert checkpointer.latest_step() is None
 
 
-def test_second_writer_of_a_running_run_is_refused(tmp_path, corpus, capsys):
+def test_second_writer_of_a_running_run_is_refused(tmp_path, data, capsys):
     out = tmp_path / "run"
-    args = [*ARGS, "--data", str(corpus), "--steps", "100000", "--eval-every", "0", "--save-every", "0",
+    args = [*ARGS, *data, "--steps", "100000", "--eval-every", "0", "--save-every", "0",
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     first = subprocess.Popen([sys.executable, "-m", "jaxmp.train", *args], env=env, stderr=subprocess.DEVNULL)
@@ -221,20 +213,18 @@ def test_second_writer_of_a_running_run_is_refused(tmp_path, corpus, capsys):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 48 MiB tmpfs: room for one checkpoint of gpt2-tiny (35 MiB) but not two."""
+    """A 1 MiB tmpfs: room for one checkpoint of the tiny model (about 0.5 MiB) but not two."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True
-    )
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_is_named_and_the_last_checkpoint_resumes_exactly(tmp_path, small_disk, corpus, capsys):
-    flags = [*ARGS, "--data", str(corpus), "--steps", "4", "--save-every", "2", "--keep-checkpoints", "1"]
+def test_full_disk_is_named_and_the_last_checkpoint_resumes_exactly(tmp_path, small_disk, data, capsys):
+    flags = [*ARGS, *data, "--steps", "4", "--save-every", "2", "--keep-checkpoints", "1"]
     assert main([*flags, "--out", str(tmp_path / "straight")]) == 0
     out = small_disk / "run"
     assert main([*flags, "--out", str(out)]) == 1
@@ -242,4 +232,4 @@ def test_full_disk_is_named_and_the_last_checkpoint_resumes_exactly(tmp_path, sm
     assert "the disk is full" in err and "checkpoints/2, is kept" in err and "Traceback" not in err, err
     subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)  # space freed
     assert main([*flags, "--out", str(out), "--resume"]) == 0
-    jax.tree.map(np.testing.assert_array_equal, params_of(out), params_of(tmp_path / "straight"))
+    jax.tree.map(np.testing.assert_array_equal, run_params(out), run_params(tmp_path / "straight"))
