@@ -192,6 +192,10 @@ def progress_line(record: dict[str, Any], total_steps: int, eta_seconds: float |
     return "  ".join(parts)
 
 
+def _print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 class _Lines(Sink):
     """Headless progress: one line per record, through ``emit``, with an ETA from this process's pace."""
 
@@ -310,7 +314,7 @@ def open_metrics_log(
     start_update: int,
     window_losses: Sequence[float] = (),
     progress: str | None = None,
-    emit: Callable[[str], None] = print,
+    emit: Callable[[str], None] | None = None,
     primary: bool = True,
 ) -> MetricsLog:
     """The metrics log of a run that starts (or resumes) after ``start_update`` updates.
@@ -321,7 +325,7 @@ def open_metrics_log(
       start_update: updates done before this process started (0 for a new run).
       window_losses: losses of the logging window the resumed checkpoint was in.
       progress: ``"bar"``, ``"lines"`` (one line per record, through ``emit``) or None (no progress).
-      emit: where progress lines go.
+      emit: where progress lines go (default: stderr).
       primary: False in processes other than 0 of a multi-host run, which write no sink.
     """
     if not primary:
@@ -331,7 +335,7 @@ def open_metrics_log(
         if progress == "bar":
             sinks.append(_Bar(config.steps, start_update))
         elif progress == "lines":
-            sinks.append(_Lines(emit, config.steps, start_update))
+            sinks.append(_Lines(emit or _print_to_stderr, config.steps, start_update))
         if not config.no_tensorboard:
             purge_step = start_update + 1 if config.resume else None
             sinks.append(_TensorBoard(str(run_dir.tensorboard_dir), purge_step))
