@@ -22,6 +22,7 @@ from typing import TextIO
 import numpy as np
 
 from jaxmp.errors import DataError
+from jaxmp.tokenizer import load_transformers_tokenizer
 
 TEXT_COLUMNS = ("text", "sentence")  # the first of these that a file has holds the text
 LABEL_COLUMN = "label"
@@ -263,20 +264,11 @@ def _open_text(path: Path) -> TextIO:
 
 
 def load_hf_tokenizer(tokenizer_dir: str | Path):
-    """Loads a local Hugging Face tokenizer (never downloaded, never remote code)."""
-    from transformers import AutoTokenizer  # slow to import; only classification needs it
-
-    path = Path(tokenizer_dir).expanduser()
-    if not path.is_dir():
-        raise DataError(
-            f"tokenizer {path} is not a directory; expected a local Hugging Face tokenizer directory"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
-        raise DataError(f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}") from None
+    """The local Hugging Face tokenizer of ``tokenizer_dir`` (see ``load_transformers_tokenizer``), set
+    to pad with its eos token when it has no pad token."""
+    tokenizer = load_transformers_tokenizer(tokenizer_dir)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise DataError(f"tokenizer {path} has neither a pad nor an eos token to pad with")
+            raise DataError(f"tokenizer {tokenizer_dir} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 import tokenizers
@@ -24,7 +24,7 @@ from jaxmp.files import atomic_write
 if TYPE_CHECKING:
     from jaxmp.data import Corpus
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "load_transformers_tokenizer"]
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")  # looked up when no config names one
 _ENCODE_CHUNK_CHARS = 1 << 16  # long texts are encoded in chunks of about this size, split before a line
@@ -177,10 +177,30 @@ def _tokenizer_from_dir(path: Path) -> HFTokenizer:
     eos_token = _configured_eos_token(path / "tokenizer_config.json")  # a broken config is named first
     if (path / "tokenizer.json").is_file():
         return HFTokenizer.wrap(_tokenizer_from_file(path / "tokenizer.json"), eos_token)
+    auto = load_transformers_tokenizer(path)
+    return HFTokenizer.wrap(auto.backend_tokenizer, auto.eos_token)
+
+
+def load_transformers_tokenizer(path: str | Path) -> Any:
+    """The local Hugging Face tokenizer in directory ``path`` as a transformers fast tokenizer.
+
+    Never downloads and never runs remote code. Used for language modelling (wrapped as an
+    :class:`HFTokenizer`) and, as it is, for classification (pairs, padding, attention masks).
+
+    Raises:
+      DataError: ``path`` is not a directory, has no tokenizer files or a broken
+        ``tokenizer_config.json``, cannot be loaded, or has no fast tokenizer.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"tokenizer {path} is not a directory; expected a local Hugging Face tokenizer directory"
+        )
+    _configured_eos_token(path / "tokenizer_config.json")  # a broken config is named first
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         # transformers 5 quietly builds an empty tokenizer from a directory without these
         raise DataError(f"directory {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
-    from transformers import AutoTokenizer  # slow to import: only directories without tokenizer.json need it
+    from transformers import AutoTokenizer  # slow to import: loaded only when a directory needs it
 
     try:
         auto = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -191,7 +211,7 @@ def _tokenizer_from_dir(path: Path) -> HFTokenizer:
         ) from None
     if not auto.is_fast:
         raise DataError(f"tokenizer directory {path} has no fast tokenizer; add a tokenizer.json")
-    return HFTokenizer.wrap(auto.backend_tokenizer, auto.eos_token)
+    return auto
 
 
 def _configured_eos_token(config_file: Path) -> str | None:
