@@ -30,8 +30,9 @@ from jaxmp import hf, models
 from jaxmp.data import LMDataConfig, load_lm_dataset
 from jaxmp.evaluate import evaluate_policies, markdown_table
 from jaxmp.generate import generate, init_cache
+from jaxmp.lowp import tree_bytes
 from jaxmp.precision import get_policy
-from jaxmp.serving import load_model, tree_bytes, with_policy
+from jaxmp.serving import load_model, with_policy
 
 QUALITY_POLICIES = {
     "fp32": "fp32",

@@ -30,8 +30,9 @@ from jaxmp.cli import UsageParser, check_output_file, run_cli
 from jaxmp.data import LMDataConfig, load_lm_dataset, read_corpus
 from jaxmp.errors import UsageError
 from jaxmp.files import write_text_atomically
+from jaxmp.lowp import tree_bytes
 from jaxmp.precision import get_policy
-from jaxmp.serving import LoadedModel, load_model, tree_bytes, with_policy
+from jaxmp.serving import LoadedModel, load_model, with_policy
 
 __all__ = ["PolicyPerplexity", "perplexity", "evaluate_policies", "markdown_table", "main"]
 

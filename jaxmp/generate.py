@@ -28,9 +28,10 @@ import numpy as np
 
 from jaxmp.cli import UsageParser, run_cli
 from jaxmp.errors import UsageError
+from jaxmp.lowp import tree_bytes
 from jaxmp.models import LlamaConfig
 from jaxmp.models.layers import AttentionCache, KVCache
-from jaxmp.serving import LoadedModel, load_model, tree_bytes
+from jaxmp.serving import LoadedModel, load_model
 from jaxmp.tokenizer import Tokenizer
 
 __all__ = ["Sampling", "Generation", "init_cache", "sample_logits", "generate", "sample_text", "main"]

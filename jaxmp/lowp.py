@@ -32,6 +32,7 @@ __all__ = [
     "state_bytes_per_param",
     "stochastic_round",
     "stochastic_update",
+    "tree_bytes",
 ]
 
 PARAM_UPDATE_KINDS = ("nearest", "stochastic", "kahan")
@@ -414,8 +415,10 @@ def state_bytes_per_param(params: Any, opt_state: Any) -> float:
       ``(bytes(params) + bytes(opt_state)) / number of parameter elements``.
     """
 
-    def nbytes(tree):
-        return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return (nbytes(params) + nbytes(opt_state)) / num_params
+    return (tree_bytes(params) + tree_bytes(opt_state)) / num_params
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``), from shapes and dtypes."""
+    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))

@@ -25,7 +25,7 @@ from jaxmp.errors import DataError, UsageError
 from jaxmp.precision import Policy, get_policy
 from jaxmp.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["LoadedModel", "load_model", "with_policy", "check_float16_range", "tree_bytes"]
+__all__ = ["LoadedModel", "load_model", "with_policy", "check_float16_range"]
 
 _FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)
 
@@ -45,11 +45,6 @@ class LoadedModel:
     params: Any
     tokenizer: Tokenizer
     run_config: dict[str, Any] | None = None
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of every leaf (arrays or ``jax.ShapeDtypeStruct``)."""
-    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
 def check_float16_range(params: Any, policy: Policy) -> None:

@@ -13,8 +13,8 @@ from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
 from jaxmp.config import TrainConfig
 from jaxmp.generate import Sampling, generate, init_cache, main, sample_logits, sample_text
+from jaxmp.lowp import tree_bytes
 from jaxmp.run_dir import RunDir
-from jaxmp.serving import tree_bytes
 
 SHAPES = {
     "gpt2": ("gpt2-tiny", {}),
