@@ -157,16 +157,16 @@ def test_bad_config_on_the_command_line_is_one_line_exit_2_and_writes_nothing(
 # ------------------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write(
-        tmp_path_factory.mktemp("corpus") / "corpus.txt", "To be, or not to be, that is the question. " * 60
-    )
+@pytest.fixture
+def tiny(tmp_path_factory, tiny_lm_dir) -> dict:
+    """Settings of a run that takes seconds: the tiny GPT-2 of ``tiny_lm_dir`` on a short corpus."""
+    corpus = write(tmp_path_factory.mktemp("corpus") / "corpus.txt", "To be, or not to be, that is it. " * 80)
+    return TINY_VALUES | {"init": str(tiny_lm_dir), "data": str(corpus)}
 
 
-def test_a_run_started_from_another_runs_config_json_reproduces_its_losses_exactly(tmp_path, corpus):
+def test_a_run_started_from_another_runs_config_json_reproduces_its_losses_exactly(tmp_path, tiny):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["--data", str(corpus), "--log-every", "1", "--policy", "bf16", "--seed", "7"]
+    common = ["--init", tiny["init"], "--data", tiny["data"], "--log-every", "1", "--seed", "7"]
     assert train.main([*common, *TINY, "--steps", "4", "--out", str(first)]) == 0
     assert train.main(["--config", str(first / "config.json"), "--out", str(second)]) == 0
     assert len(losses(first)) == 4 and losses(second) == losses(first)
@@ -177,30 +177,22 @@ def test_a_run_started_from_another_runs_config_json_reproduces_its_losses_exact
     assert train.main(["--config", str(first / "config.json")]) == 2
 
 
-def test_a_yaml_config_trains_and_steps_on_top_of_it_override(tmp_path, corpus):
-    config = write(
-        tmp_path / "tiny.yaml",
-        "".join(f"{key}: {value}\n" for key, value in TINY_VALUES.items())
-        + f"data: {corpus}\nsteps: 50\nlog_every: 1\nlr: 1.0e-3\n",
-    )
+def test_a_yaml_config_trains_and_steps_on_top_of_it_override(tmp_path, tiny):
+    settings = "".join(f"{key}: {value}\n" for key, value in tiny.items())
+    config = write(tmp_path / "tiny.yaml", settings + "steps: 50\nlog_every: 1\nlr: 1.0e-3\n")
     run = tmp_path / "run"
     assert train.main(["--config", str(config), "--steps", "2", "--out", str(run)]) == 0
     recorded = json.loads((run / "config.json").read_text())
-    assert recorded["steps"] == 2 and recorded["lr"] == 1e-3 and recorded["data"] == str(corpus)
-    assert {key: recorded[key] for key in TINY_VALUES} == TINY_VALUES
+    assert recorded["steps"] == 2 and recorded["lr"] == 1e-3
+    assert {key: recorded[key] for key in tiny} == tiny
     assert [step for step, _ in losses(run)] == [1, 2]
 
 
-def test_compare_takes_a_runs_config_but_not_its_policy_or_out(tmp_path, corpus, capsys):
+def test_compare_takes_a_runs_config_but_not_its_policy_or_out(tmp_path, tiny, capsys):
     run, report = tmp_path / "run", tmp_path / "report"
-    config = write(
-        tmp_path / "run.json",
-        json.dumps(TINY_VALUES | {"data": str(corpus), "policy": "bf16", "out": str(run)}),
-    )
-    assert (
-        compare.main(["--config", str(config), "--steps", "2", "--policies", "fp32", "--out", str(report)])
-        == 0
-    )
+    config = write(tmp_path / "run.json", json.dumps(tiny | {"policy": "bf16", "out": str(run)}))
+    argv = ["--config", str(config), "--steps", "2", "--policies", "fp32", "--out", str(report)]
+    assert compare.main(argv) == 0
     recorded = json.loads((report / "fp32" / "config.json").read_text())
     assert recorded["policy"] == "fp32" and recorded["steps"] == 2 and recorded["seq_len"] == 16
     assert not run.exists()
