@@ -15,6 +15,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -45,7 +46,6 @@ TAGS = {  # metrics.jsonl key -> TensorBoard and W&B tag
     "learning_rate": "train/learning_rate",
     "tokens_per_s": "train/tokens_per_s",
 }
-_FLUSH_SECONDS = 5  # TensorBoard events reach the disk at most this long after they are logged
 
 
 class Window:
@@ -233,45 +233,54 @@ class _Bar(Sink):
         self._bar.close()
 
 
-def _summary_writer_class() -> type:
-    """tensorboardX's ``SummaryWriter``, imported without PyTorch.
+def _import_tensorboardx() -> None:
+    """Imports tensorboardX without PyTorch.
 
     tensorboardX imports ``torch`` whenever it is installed, only to accept torch tensors, which a
     JAX run never passes; that import costs ~4 s and ~180 MB. Unless torch is already imported,
     ``import torch`` is made to fail for the duration of the import (tensorboardX expects that).
     """
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        return
     sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
     try:
-        from tensorboardX import SummaryWriter
+        import tensorboardX  # noqa: F401
     finally:
         del sys.modules["torch"]
-    return SummaryWriter
 
 
 class _TensorBoard(Sink):
-    """TensorBoard event files: every record's scalars, tagged as ``TAGS`` says, at its step.
+    """A TensorBoard event file: one event per record, holding its scalars tagged as ``TAGS`` says.
 
     Each process start writes a new event file. ``purge_step`` (a resumed run's first update after
     its checkpoint) hides the points an earlier process logged from that step on: the resumed run
-    logs them again.
+    logs them again. Events are written and flushed as they come (no background thread), so a
+    killed process loses no record that reached ``metrics.jsonl``.
     """
 
-    def __init__(self, logdir: str, purge_step: int | None):
-        self._writer = _summary_writer_class()(
-            logdir,
-            purge_step=purge_step,
-            flush_secs=_FLUSH_SECONDS,
-            filename_suffix=f".{time.time_ns()}",  # unique, and ordered within one second as TensorBoard reads
-        )
+    def __init__(self, logdir: Path, purge_step: int | None):
+        _import_tensorboardx()
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._event_type = Event
+        logdir.mkdir(parents=True, exist_ok=True)
+        # The suffix makes the name unique and ordered by start time within one second, as TensorBoard
+        # reads a directory's files in name order.
+        self._writer = EventsWriter(str(logdir / "events"), f".{time.time_ns()}")
+        if purge_step is not None:
+            start = Event(wall_time=time.time(), step=purge_step)
+            start.session_log.status = start.session_log.START
+            self._writer.write_event(start)
+        self._writer.flush()
 
     def write(self, record: dict[str, Any]) -> None:
+        event = self._event_type(wall_time=time.time(), step=record["step"])
         for key, tag in TAGS.items():
             if key in record:
-                self._writer.add_scalar(tag, record[key], record["step"])
+                event.summary.value.add(tag=tag, simple_value=record[key])
+        self._writer.write_event(event)
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
@@ -338,7 +347,7 @@ def open_metrics_log(
             sinks.append(_Lines(emit or _print_to_stderr, config.steps, start_update))
         if not config.no_tensorboard:
             purge_step = start_update + 1 if config.resume else None
-            sinks.append(_TensorBoard(str(run_dir.tensorboard_dir), purge_step))
+            sinks.append(_TensorBoard(run_dir.tensorboard_dir, purge_step))
         if config.wandb:
             sinks.append(_Wandb(config.wandb, run_dir.path.name, dataclasses.asdict(config)))
     except BaseException:

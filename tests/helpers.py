@@ -1,6 +1,8 @@
 """Helpers shared by the tests that train through ``jaxmp.train``: a tiny model and reading runs back."""
 
 import json
+import struct
+from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -30,3 +32,48 @@ def run_params(run_dir: Path):
         model = models.get_model(config["model"], config["policy"], vocab_size=256)
         target = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 16))
     return Checkpointer(run_dir / "checkpoints").restore_params(target)
+
+
+def read_event_files(logdir: Path) -> list[list]:
+    """Every TensorBoard event file's events, files in name order (as TensorBoard reads a directory).
+
+    Records are TFRecord frames (length, masked CRC-32C of the length, data, masked CRC-32C of the
+    data); both checksums are checked. A truncated last frame (a process killed while writing it) is
+    left out, as TensorBoard leaves it out.
+    """
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    files = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, offset, events = path.read_bytes(), 0, []
+        while offset + 12 <= len(data):
+            header = data[offset : offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            if offset + 16 + length > len(data):
+                break
+            assert struct.unpack("<I", data[offset + 8 : offset + 12])[0] == masked_crc32c(header), path
+            body = data[offset + 12 : offset + 12 + length]
+            assert struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])[0] == masked_crc32c(
+                body
+            )
+            events.append(Event.FromString(body))
+            offset += 16 + length
+        files.append(events)
+    return files
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows: each tag's (step, value) points, where a ``SessionLog.START`` event at
+    step s (a writer's ``purge_step``) hides every point read before it at a step >= s."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    scalars = defaultdict(list)
+    for events in read_event_files(logdir):
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                for tag, points in scalars.items():
+                    scalars[tag] = [(step, value) for step, value in points if step < event.step]
+            for value in event.summary.value:
+                scalars[value.tag].append((event.step, value.simple_value))
+    return dict(scalars)

@@ -5,8 +5,9 @@ For each combination of ``--save-every`` / ``--log-every`` / ``--accum-steps`` a
 trains one run: each is killed (SIGKILL, SIGTERM or SIGINT, in a seeded random order) at a seeded
 random moment — a given number of new ``metrics.jsonl`` records into its segment, a delay after
 that, or while a checkpoint is being written — and the next one resumes it. The chain's logged
-records (all but the wall-clock ``tokens_per_s``), ``summary.json`` (all but its timings) and final
-checkpoint (every leaf's checksums and the params themselves) must equal the uninterrupted run's.
+records (all but the wall-clock ``tokens_per_s``), the TensorBoard points it shows (likewise),
+``summary.json`` (all but its timings) and final checkpoint (every leaf's checksums and the params
+themselves) must equal the uninterrupted run's.
 """
 
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import run_params
+from helpers import run_params, tensorboard_scalars
 
 from jaxmp.checkpoint import Checkpointer
 
@@ -95,6 +96,12 @@ def comparable_records(out: Path) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TIMINGS} for record in records]
 
 
+def comparable_scalars(out: Path) -> dict:
+    """The TensorBoard points the run directory shows (all but tokens/s), after resumes' purges."""
+    scalars = tensorboard_scalars(out / "tensorboard")
+    return {tag: points for tag, points in scalars.items() if tag != "train/tokens_per_s"}
+
+
 def comparable_summary(out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     return {k: v for k, v in summary.items() if k not in TIMINGS}
@@ -160,6 +167,7 @@ def run_chain(tmp_path: Path, env: dict, model_dir: Path, combo: tuple) -> list[
         assert done.returncode == 0, done.stderr
 
     assert comparable_records(chain) == comparable_records(straight)
+    assert comparable_scalars(chain) == comparable_scalars(straight)
     assert comparable_summary(chain) == comparable_summary(straight)
     assert Checkpointer(chain / "checkpoints").latest_step() == steps * accum
     ours = Checkpointer(chain / "checkpoints").read_metadata()

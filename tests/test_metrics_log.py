@@ -5,15 +5,14 @@ import dataclasses
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import types
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_event_files, tensorboard_scalars
 
 from jaxmp import metrics_log
 from jaxmp.config import TrainConfig
@@ -76,46 +75,6 @@ def write_window(log: MetricsLog, update: int, losses: list[float], evaluation: 
     record = log.end_window(update, METRICS) | (evaluation or {})
     log.write(record)
     return record
-
-
-def read_event_files(logdir: Path) -> list[list]:
-    """Every event file's events, files in name order (as TensorBoard reads a directory), each record
-    framed as TFRecord (length, masked CRC-32C of the length, data, masked CRC-32C of the data) and
-    both checksums checked."""
-    from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.record_writer import masked_crc32c
-
-    files = []
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        data, offset, events = path.read_bytes(), 0, []
-        while offset < len(data):
-            header = data[offset : offset + 8]
-            (length,) = struct.unpack("<Q", header)
-            assert struct.unpack("<I", data[offset + 8 : offset + 12])[0] == masked_crc32c(header)
-            body = data[offset + 12 : offset + 12 + length]
-            assert struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])[0] == masked_crc32c(
-                body
-            )
-            events.append(Event.FromString(body))
-            offset += 16 + length
-        files.append(events)
-    return files
-
-
-def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """What TensorBoard shows: each tag's (step, value) points, where a ``SessionLog.START`` event at
-    step s (``purge_step``) hides every point read before it at a step >= s."""
-    from tensorboardX.proto.event_pb2 import SessionLog
-
-    scalars = defaultdict(list)
-    for events in read_event_files(logdir):
-        for event in events:
-            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
-                for tag, points in scalars.items():
-                    scalars[tag] = [(step, value) for step, value in points if step < event.step]
-            for value in event.summary.value:
-                scalars[value.tag].append((event.step, value.simple_value))
-    return dict(scalars)
 
 
 def as_float32(value: float) -> float:
@@ -376,8 +335,8 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
 def test_tensorboardx_is_imported_without_torch():
     code = (
         "import sys\n"
-        "from jaxmp.metrics_log import _summary_writer_class\n"
-        "_summary_writer_class()\n"
+        "from jaxmp.metrics_log import _import_tensorboardx\n"
+        "_import_tensorboardx()\n"
         "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
