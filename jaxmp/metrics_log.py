@@ -254,8 +254,8 @@ class _TensorBoard(Sink):
 
     Each process start writes a new event file. ``purge_step`` (a resumed run's first update after
     its checkpoint) hides the points an earlier process logged from that step on: the resumed run
-    logs them again. Events are written and flushed as they come (no background thread), so a
-    killed process loses no record that reached ``metrics.jsonl``.
+    logs them again. Each event is written and flushed as it comes (no background thread), so a
+    killed run keeps every point logged before its newest checkpoint, as ``metrics.jsonl`` does.
     """
 
     def __init__(self, logdir: Path, purge_step: int | None):
