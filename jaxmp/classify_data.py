@@ -70,6 +70,24 @@ class ClassificationData:
           ``input_ids``, ``attention_mask``, ``token_type_ids`` int32[B, T] (``T <= L``, see
           ``pad_multiple``); ``labels`` int32[B]; ``weight`` float32[B] (all ones).
         """
+        return self._rows(self._stream_rows(seed, step, batch_size), np.ones(batch_size, np.float32))
+
+    def window(self, seed: int, first_step: int, count: int, batch_size: int) -> dict[str, np.ndarray]:
+        """Training batches ``first_step .. first_step + count - 1`` stacked on a leading axis.
+
+        Every batch of the window is cut to the same length, the longest :meth:`batch` would give
+        for any of them (the extra columns are padding in every row), so each holds the tokens
+        :meth:`batch` gives it. Leaves as :meth:`batch`'s with a leading ``[count]`` axis.
+        """
+        rows_NxB = [
+            self._stream_rows(seed, step, batch_size) for step in range(first_step, first_step + count)
+        ]
+        length = max(self._length(self.attention_mask[rows_B]) for rows_B in rows_NxB)
+        batches = [self._rows(rows_B, np.ones(batch_size, np.float32), length) for rows_B in rows_NxB]
+        return {name: np.stack([batch[name] for batch in batches]) for name in batches[0]}
+
+    def _stream_rows(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+        """int64[B]: the rows of training batch ``step`` (see :meth:`batch`)."""
         if seed < 0 or step < 0 or batch_size < 1:
             raise DataError(f"need seed, step >= 0 and batch_size >= 1, got {seed}, {step}, {batch_size}")
         epoch_B, offset_B = np.divmod(step * batch_size + np.arange(batch_size), len(self))
@@ -77,7 +95,7 @@ class ClassificationData:
         for epoch in np.unique(epoch_B):
             in_epoch_B = epoch_B == epoch
             rows_B[in_epoch_B] = self._permutation(seed, int(epoch))[offset_B[in_epoch_B]]
-        return self._rows(rows_B, np.ones(batch_size, np.float32))
+        return rows_B
 
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Yields every row once, in order, ``batch_size`` at a time, as dicts like :meth:`batch`'s.
@@ -98,12 +116,19 @@ class ClassificationData:
         key = np.random.SeedSequence([_CLASSIFY_STREAM, seed, epoch])
         return np.random.Generator(np.random.Philox(key)).permutation(len(self))
 
-    def _rows(self, rows_B: np.ndarray, weight_B: np.ndarray) -> dict[str, np.ndarray]:
-        mask_BxL = self.attention_mask[rows_B]
+    def _length(self, mask_BxL: np.ndarray) -> int:
+        """The columns a batch keeps: its longest row rounded up to ``pad_multiple`` (0: all of L)."""
         length = mask_BxL.shape[1]
         if self.pad_multiple:
             longest = int(np.flatnonzero(mask_BxL.any(axis=0)).max(initial=0)) + 1
             length = min(length, -(-longest // self.pad_multiple) * self.pad_multiple)
+        return length
+
+    def _rows(
+        self, rows_B: np.ndarray, weight_B: np.ndarray, length: int | None = None
+    ) -> dict[str, np.ndarray]:
+        mask_BxL = self.attention_mask[rows_B]
+        length = self._length(mask_BxL) if length is None else length
         return {
             "input_ids": self.input_ids[rows_B, :length],
             "attention_mask": mask_BxL[:, :length],

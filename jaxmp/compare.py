@@ -89,9 +89,10 @@ def parse_policies(entries: list[str], loss_scale: str) -> list[Variant]:
     return variants
 
 
-def _memory(result) -> dict[str, int] | None:
-    """XLA's compiled argument/output/temp/alias bytes of the step that trained (a cached compile)."""
-    compiled = result.train_step.lower(result.state, result.task.batch(0)).compile()
+def _memory(result, accum_steps: int) -> dict[str, int] | None:
+    """XLA's compiled argument/output/temp/alias bytes of the step that trained, one accumulation window
+    per call (a cached compile)."""
+    compiled = result.train_step.lower(result.state, result.task.window(0, accum_steps)).compile()
     stats = compiled.memory_analysis()
     if stats is None:
         return None
@@ -217,7 +218,7 @@ def compare(config: TrainConfig, variants: list[Variant], out: Path) -> list[dic
                 run_config,
                 log=lambda message, name=variant.name: print(f"  {name}: {message}", file=sys.stderr),
             )
-            summary, memory = result.summary, _memory(result)
+            summary, memory = result.summary, _memory(result, run_config.accum_steps)
             status = "interrupted" if result.interrupted_by is not None else status
         except TrainingStopped as error:
             status = str(error)

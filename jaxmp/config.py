@@ -39,6 +39,8 @@ class TrainConfig:
     loss_scale: str = "auto"  # auto | none | dynamic | static:N (auto: dynamic iff fp16 computes)
     param_update: str = "nearest"  # low-precision params: nearest | stochastic | kahan rounding
     moment_dtype: str = "float32"  # Adam moment dtype: float32 or bfloat16
+    scan_layers: bool = False  # one nn.scan-ned block for all layers: compiles in a fraction of the time
+    remat: bool = False  # recompute each block's activations in the backward pass: less memory, more compute
     # data
     data: str | None = None  # text file or directory (lm), TSV/CSV/JSONL (classify); none: tiny Shakespeare
     eval_data: str | None = None  # validation file (classify); lm holds out the corpus' tail
@@ -50,7 +52,7 @@ class TrainConfig:
     steps: int = 400  # optimizer updates; each takes accum_steps micro-batches
     epochs: float | None = None  # classify: passes over the training rows, instead of --steps
     batch_size: int = 32  # sequences per micro-batch
-    accum_steps: int = 1  # micro-batches averaged into one update
+    accum_steps: int = 1  # micro-batches averaged into one update (one scanned call; checkpoints and signals between updates)
     lr: float = 2e-3  # peak learning rate (linear warmup, cosine decay to 10%)
     warmup_steps: int = 50  # updates of linear warmup
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
@@ -81,7 +83,17 @@ class TrainConfig:
 
 
 FLAG_GROUPS = {
-    "model and precision": ("model", "policy", "task", "init", "loss_scale", "param_update", "moment_dtype"),
+    "model and precision": (
+        "model",
+        "policy",
+        "task",
+        "init",
+        "loss_scale",
+        "param_update",
+        "moment_dtype",
+        "scan_layers",
+        "remat",
+    ),
     "data": ("data", "eval_data", "tokenizer", "seq_len", "pad_multiple", "max_rows"),
     "optimization": (
         "steps",

@@ -188,14 +188,15 @@ def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
 
 
 def _fed_by_processes(task: Task, mesh: jax.sharding.Mesh, batch_size: int) -> Task:
-    """``task`` whose batches are global arrays, each process feeding its own devices' rows."""
+    """``task`` whose windows are global arrays, each process feeding its own devices' rows."""
     rows = sharding.process_rows(mesh, batch_size)
-    host_batch = task.batch
+    host_window = task.window
 
-    def batch(micro: int) -> Any:
-        return sharding.shard_batch(jax.tree.map(lambda x: x[rows], host_batch(micro)), mesh)
+    def window(first: int, count: int) -> Any:
+        local = jax.tree.map(lambda x: x[:, rows], host_window(first, count))
+        return sharding.shard_batch(local, mesh, stacked=True)
 
-    return dataclasses.replace(task, batch=batch)
+    return dataclasses.replace(task, window=window)
 
 
 def _make_state(
@@ -225,7 +226,7 @@ def _make_state(
             f"(no dimension divisible by fsdp): {', '.join(plan.replicated)}"
         )
     step = sharding.make_sharded_train_step(
-        task.loss_fn, optimizer, policy, mesh, plan.shardings, cast_params=False
+        task.loss_fn, optimizer, policy, mesh, plan.shardings, cast_params=False, scan_micro_steps=True
     )
     return sharding.shard_state(state, plan.shardings), step
 
@@ -356,6 +357,12 @@ def _prepare(config: TrainConfig, policy: precision.Policy, mesh, run_dir: RunDi
         update = 0
         if latest is not None:
             state, metadata = _restore(checkpointer, state, latest)
+            if latest % config.accum_steps:
+                raise UsageError(
+                    f"{checkpointer.describe(latest)} was saved inside an accumulation window of "
+                    f"{config.accum_steps} micro-steps (by a jaxmp older than window-at-once training); "
+                    f"resume it with that version, or from a checkpoint at a multiple of {config.accum_steps}"
+                )
             window_losses, update = metadata["window_losses"], metadata["update"]
             log(f"resuming {run_dir.path} at update {update} (micro-step {int(state.step)})")
         run_dir.trim_metrics(update)  # records logged after the checkpoint are logged again
@@ -403,12 +410,19 @@ def _train(
                 f"{_kept(checkpointer)}"
             ) from None
 
-    def handle(micro: int, metrics: dict[str, Any]) -> None:
-        """Host-side work for finished micro-step ``micro`` (0-based), one step late."""
-        nonlocal consecutive_skips, last_finished
+    def handle_window(first: int, metrics: dict[str, Any]) -> None:
+        """Host-side work for the finished window of micro-steps ``first ..`` (one window late)."""
+        nonlocal last_finished
+        metrics = jax.device_get(metrics)  # every leaf [accum]: one value per micro-step
         now = time.perf_counter()
-        step_seconds.append(now - last_finished)
-        last_finished = now
+        seconds, last_finished = (now - last_finished) / accum, now
+        for index in range(accum):
+            step_seconds.append(seconds)
+            handle(first + index, {name: values[index] for name, values in metrics.items()})
+
+    def handle(micro: int, metrics: dict[str, Any]) -> None:
+        """Host-side work for finished micro-step ``micro`` (0-based)."""
+        nonlocal consecutive_skips
         metrics_log.add(float(metrics["loss"]), task.tokens_per_batch)
         consecutive_skips = 0 if metrics["grads_finite"] else consecutive_skips + 1
         if config.max_consecutive_skips and consecutive_skips >= config.max_consecutive_skips:
@@ -431,24 +445,25 @@ def _train(
                 record.update(task.evaluate(state.params))
             metrics_log.write(record)
 
-    micro = start_micro
-    for micro in range(start_micro, total_micro):
-        state, metrics = train_step(state, task.batch(micro))
+    # One call per accumulation window: the step scans over its micro-batches. Checkpoints and signals
+    # take effect at window boundaries; metrics are read one window late, so dispatch stays asynchronous.
+    for update in range(start_micro // accum, config.steps):
+        first = update * accum
+        state, metrics = train_step(state, task.window(first, accum))
         if pending is not None:
-            handle(micro - 1, jax.device_get(pending))
-        pending = {k: v for k, v in metrics.items() if k != "aux"}
-        update_done = (micro + 1) % accum == 0
-        if update_done and config.save_every and ((micro + 1) // accum) % config.save_every == 0:
-            handle(micro, jax.device_get(pending))
+            handle_window(*pending)
+        pending = (first, {k: v for k, v in metrics.items() if k != "aux"})
+        if config.save_every and (update + 1) % config.save_every == 0:
+            handle_window(*pending)
             pending = None
-            save(micro + 1, metrics_log.window.losses)
+            save(first + accum, metrics_log.window.losses)
         if signals.received is not None:
             if pending is not None:
-                handle(micro, jax.device_get(pending))
-            save(micro + 1, metrics_log.window.losses)
+                handle_window(*pending)
+            save(first + accum, metrics_log.window.losses)
             metrics_log.close()
             log(
-                f"interrupted by signal {signals.received}: checkpoint saved at micro-step {micro + 1}; "
+                f"interrupted by signal {signals.received}: checkpoint saved at micro-step {first + accum}; "
                 f"continue with --resume"
             )
             timing = (started, start_micro, step_seconds)
@@ -458,7 +473,7 @@ def _train(
                 summary, state, task, run_dir, interrupted_by=signals.received, train_step=train_step
             )
     if pending is not None:
-        handle(micro, jax.device_get(pending))
+        handle_window(*pending)
     metrics_log.close()
     if checkpointer.latest_step() != total_micro:
         save(total_micro, [])

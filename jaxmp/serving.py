@@ -91,20 +91,22 @@ def _load_run(directory: Path) -> tuple[Any, Any, dict[str, Any], Tokenizer]:
     if config["task"] != "lm":
         raise UsageError(f"run {directory} trained task {config['task']!r}; generation needs an lm run")
     tokenizer = _run_tokenizer(directory, config)
+    layers = {"scan_layers": config.get("scan_layers", False)}  # the layout the run's params were saved in
     if config["init"]:
-        model, _ = _load_hf(Path(config["init"]))
+        model, _ = _load_hf(Path(config["init"]), **layers)
     else:
-        model = models.get_model(config["model"], "fp32", vocab_size=tokenizer.vocab_size)
+        model = models.get_model(config["model"], "fp32", vocab_size=tokenizer.vocab_size, **layers)
     abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 1))
     checkpointer = Checkpointer(directory / "checkpoints")
     if checkpointer.latest_step() is None:
         raise UsageError(f"run {directory} has no checkpoint yet in {directory / 'checkpoints'}")
-    return model, checkpointer.restore_params(abstract), config, tokenizer
+    model, params = models.for_decoding(model, checkpointer.restore_params(abstract))
+    return model, params, config, tokenizer
 
 
-def _load_hf(directory: Path) -> tuple[Any, Any]:
+def _load_hf(directory: Path, **config_overrides: Any) -> tuple[Any, Any]:
     try:
-        model, params = hf.from_pretrained(directory, "fp32")
+        model, params = hf.from_pretrained(directory, "fp32", **config_overrides)
     except (ValueError, OSError) as error:
         raise UsageError(f"--model {directory}: {str(error).splitlines()[0]}") from None
     if not models.is_causal_lm(model.config):

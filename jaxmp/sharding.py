@@ -113,9 +113,13 @@ def describe_mesh(mesh: Mesh) -> str:
     return ",".join(f"{name}={size}" for name, size in mesh.shape.items())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over ``data`` x ``fsdp``; other dimensions whole."""
-    return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
+    """The batch dimension split over ``data`` x ``fsdp``; other dimensions whole.
+
+    ``stacked``: micro-batches stacked on a new leading axis (``[n, batch, ...]``, one accumulation
+    window), which stays whole; the batch dimension is then the second.
+    """
+    return NamedSharding(mesh, PartitionSpec(None, MESH_AXES) if stacked else PartitionSpec(MESH_AXES))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
@@ -145,18 +149,20 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
     return slice(blocks[0][0], blocks[-1][1])
 
 
-def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
+def shard_batch(local_batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
     """Global batch arrays from each process's rows (``local_batch``, e.g. ``batch[process_rows(...)]``).
 
     Args:
       local_batch: a pytree of host arrays ``[rows, ...]``: this process's rows, in order.
       mesh: the training mesh.
+      stacked: ``local_batch`` leaves are ``[n, rows, ...]``: a window of ``n`` micro-batches.
 
     Returns:
-      The same pytree of ``jax.Array``s of shape ``[rows * processes, ...]`` sharded by
-      ``batch_sharding(mesh)``; every process must call this with its own rows.
+      The same pytree of ``jax.Array``s of shape ``[rows * processes, ...]`` (``[n, rows * processes,
+      ...]`` when stacked) sharded by ``batch_sharding(mesh, stacked=stacked)``; every process must
+      call this with its own rows.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, stacked=stacked)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
@@ -227,6 +233,7 @@ def make_sharded_train_step(
     cast_params: bool = True,
     cast_batch: bool = True,
     donate: bool = True,
+    scan_micro_steps: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """``make_train_step``'s step, jitted once with explicit in/out shardings over ``mesh``.
 
@@ -245,11 +252,17 @@ def make_sharded_train_step(
         return loss_fn(params, batch, rng)
 
     step = make_train_step(
-        gathered_loss, optimizer, policy, cast_params=cast_params, cast_batch=cast_batch, jit=False
+        gathered_loss,
+        optimizer,
+        policy,
+        cast_params=cast_params,
+        cast_batch=cast_batch,
+        jit=False,
+        scan_micro_steps=scan_micro_steps,
     )
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding(mesh)),
+        in_shardings=(state_shardings, batch_sharding(mesh, stacked=scan_micro_steps)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,) if donate else (),
     )

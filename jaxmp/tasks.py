@@ -40,7 +40,9 @@ class Task:
       model: the Flax module (its layers carry the policy).
       params: initial master params (fresh, or read from ``--init``).
       loss_fn: ``(params, batch, rng) -> (fp32 loss, aux)`` for ``make_train_step``.
-      batch: micro-step -> training batch, a pure function of ``(seed, micro-step)``.
+      window: ``(first micro-step, count) ->`` the training batches of micro-steps ``first ..
+        first + count - 1`` stacked on a leading ``[count]`` axis (the step scans over it); each is a
+        pure function of ``(seed, micro-step)``.
       evaluate: params -> ``{"val_loss": float}`` (+ ``"val_accuracy"`` for classify).
       tokens_per_batch: tokens in one micro-batch (for tokens/s; classify: batch x --seq-len, as if
         every row were padded to it).
@@ -51,7 +53,7 @@ class Task:
     model: Any
     params: Any
     loss_fn: Callable
-    batch: Callable[[int], Batch]
+    window: Callable[[int, int], Batch]
     evaluate: Callable[[Any], dict[str, float]]
     tokens_per_batch: int
     identity: dict[str, Any]
@@ -67,8 +69,9 @@ def _check_init(init: str) -> None:
 
 def _load_pretrained(config: TrainConfig, policy: Policy, task: str, **kwargs) -> tuple[Any, Any]:
     init = Path(config.init)
+    layers = {"scan_layers": config.scan_layers, "remat": config.remat}
     try:
-        return hf.from_pretrained(init, policy, task=task, **kwargs)
+        return hf.from_pretrained(init, policy, task=task, **kwargs, **layers)
     except (ValueError, OSError) as error:
         raise UsageError(f"--init {init}: {error}") from None
 
@@ -108,7 +111,9 @@ def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
                 f"needs {tokenizer.vocab_size}; use the model's own tokenizer (--tokenizer {config.init})"
             )
     else:
-        model_config = _preset(config.model, vocab_size=tokenizer.vocab_size)
+        model_config = _preset(
+            config.model, vocab_size=tokenizer.vocab_size, scan_layers=config.scan_layers, remat=config.remat
+        )
         _require_causal(model_config, config.model)
         model = models.create_model(model_config, policy)
         params = None
@@ -134,7 +139,12 @@ def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
         model=model,
         params=params,
         loss_fn=loss_fn,
-        batch=lambda step: dataset.batch(config.seed, step, config.batch_size, config.seq_len),
+        window=lambda first, count: _stack(
+            [
+                dataset.batch(config.seed, step, config.batch_size, config.seq_len)
+                for step in range(first, first + count)
+            ]
+        ),
         evaluate=lambda params: _mean_eval(
             eval_step, params, dataset.val_batches(config.batch_size, config.seq_len, config.eval_batches)
         ),
@@ -189,11 +199,16 @@ def _classify_task(config: TrainConfig, policy: Policy) -> Task:
         model=model,
         params=params,
         loss_fn=loss_fn,
-        batch=lambda step: train.batch(config.seed, step, config.batch_size),
+        window=lambda first, count: train.window(config.seed, first, count, config.batch_size),
         evaluate=lambda params: _mean_eval(eval_step, params, dev.eval_batches(config.batch_size)),
         tokens_per_batch=config.batch_size * config.seq_len,
         identity={"task": "classify", "model": str(config.init), "tokenizer": str(config.init)},
     )
+
+
+def _stack(batches: list[Batch]) -> Batch:
+    """Batches of equal shapes stacked on a new leading axis."""
+    return {name: np.stack([batch[name] for batch in batches]) for name in batches[0]}
 
 
 def _preset(name: str, **overrides) -> Any:

@@ -18,9 +18,11 @@ __all__ = ["main"]
 def _print_sample(result, params, config) -> None:
     """Prints ``config.sample_tokens`` generated from a newline, each seeing the last ``seq_len`` tokens."""
     from jaxmp.generate import sample_text
+    from jaxmp.models import for_decoding
 
+    model, params = for_decoding(result.task.model, params)
     text = sample_text(
-        result.task.model,
+        model,
         params,
         result.task.tokenizer,
         prompt="\n",

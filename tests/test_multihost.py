@@ -91,6 +91,7 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-5)
     np.testing.assert_allclose([r["val_loss"] for r in two if "val_loss" in r], [r["val_loss"] for r in one if "val_loss" in r], rtol=1e-5)  # fmt: skip
     assert Checkpointer(multi / "checkpoints").all_steps() == [5, 10]  # micro-steps: accum_steps is 1
+    assert len(list((multi / "tensorboard").iterdir())) == 1  # one event file, process 0's
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
         final_params(multi),

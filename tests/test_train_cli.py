@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import jaxmp
 from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
 from jaxmp.classify_data import load_classification_data, read_labelled_rows
@@ -253,7 +254,7 @@ def test_max_rows_limits_the_training_rows(tmp_path):
     task = build_task(config, get_policy("fp32"), tmp_path)
     first = load_classification_data(SST2 / "train.tsv", minilm_dir(), max_length=16, limit=5)
     for step in range(3):  # each batch is one epoch: a permutation of the first 5 rows
-        assert sorted(map(bytes, task.batch(step)["input_ids"])) == sorted(map(bytes, first.input_ids))
+        assert sorted(map(bytes, task.window(step, 1)["input_ids"][0])) == sorted(map(bytes, first.input_ids))
 
 
 def test_epochs_and_max_rows_refuse_bad_values(tmp_path, capsys):
@@ -364,3 +365,65 @@ def test_stops_after_consecutive_non_finite_steps(tmp_path, capsys):
     assert "the newest checkpoint" in err and "is kept" in err and "Traceback" not in err
     # skipped steps never touch the params, so what was saved is the last good state
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params_of(out)))
+
+
+def test_accumulation_window_is_one_scanned_call_equal_to_per_micro_step_training(tmp_path, tiny_lm_dir):
+    corpus = write(tmp_path / "corpus.txt", "Now is the winter of our discontent. " * 300)
+    config = TrainConfig(data=str(corpus), init=str(tiny_lm_dir), policy="fp32", steps=3, accum_steps=4,
+                         batch_size=2, seq_len=16, log_every=1, eval_every=0, sample_tokens=0, warmup_steps=1,
+                         out=str(tmp_path / "run"))  # fmt: skip
+    from jaxmp.run import run
+
+    result = run(config, show_progress=False, log=lambda message: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the trained step takes a whole window: micro-batches stacked on a leading [accum_steps] axis
+    window = result.task.window(0, 4)
+    assert window["input_ids"].shape == (4, 2, 16)
+    assert [
+        a.shape for a in jax.tree.leaves(result.train_step.eval_shape(result.state, window)[1]["loss"])
+    ] == [(4,)]
+
+    # The same training, one call per micro-step, through the library.
+    policy = get_policy("fp32")
+    task = build_task(config, policy, tmp_path / "cache")
+    optimizer = jaxmp.make_optimizer(
+        learning_rate=config.lr, accum_steps=4, clip_norm=config.clip_norm, weight_decay=config.weight_decay,
+        warmup_steps=1, total_steps=3, seed=config.seed,
+    )  # fmt: skip
+    state = jaxmp.TrainState.create(
+        params=task.params,
+        optimizer=optimizer,
+        loss_scale=jaxmp.make_loss_scale(config.loss_scale, policy),
+        rng=jax.random.key(config.seed),
+    )
+    step = jaxmp.make_train_step(task.loss_fn, optimizer, policy, cast_params=False)
+    window_losses = []
+    for update in range(3):
+        losses = []
+        for micro in range(update * 4, update * 4 + 4):
+            state, metrics = step(state, jax.tree.map(lambda x: x[0], task.window(micro, 1)))
+            losses.append(float(metrics["loss"]))
+        window_losses.append(np.mean(losses))
+    np.testing.assert_allclose([r["loss"] for r in records], window_losses, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), result.state.params, state.params
+    )
+
+
+def test_scanned_and_rematerialised_layers_train_the_same_model(tmp_path, tiny_lm_dir):
+    corpus = write(tmp_path / "corpus.txt", "Now is the winter of our discontent. " * 300)
+    common = ["--data", str(corpus), "--init", str(tiny_lm_dir), "--policy", "fp32", "--steps", "3",
+              "--batch-size", "2", "--seq-len", "16", "--log-every", "1", "--sample-tokens", "8"]  # fmt: skip
+    plain, layered, export = tmp_path / "plain", tmp_path / "layered", tmp_path / "hf"
+    assert main([*common, "--out", str(plain)]) == 0
+    assert main([*common, "--out", str(layered), "--scan-layers", "--remat", "--export-hf", str(export)]) == 0
+    config = json.loads((layered / "config.json").read_text())
+    assert config["scan_layers"] and config["remat"]
+    np.testing.assert_allclose(losses_of(layered), losses_of(plain), rtol=1e-5)
+    # the checkpoint holds stacked layers; serving and the export lay them out per layer again
+    from jaxmp.serving import load_model
+
+    loaded = load_model(str(layered), "fp32")
+    assert not loaded.model.config.scan_layers and "blocks_1" in loaded.params
+    _, exported = hf.from_pretrained(export, "fp32")
+    jax.tree.map(np.testing.assert_array_equal, exported, loaded.params)

@@ -26,6 +26,7 @@ __all__ = [
     "get_model",
     "init_params",
     "count_params",
+    "for_decoding",
     "stack_layer_params",
     "unstack_layer_params",
 ]
@@ -106,6 +107,17 @@ def init_params(model: nn.Module, rng: jax.Array, seq_len: int) -> dict[str, Any
 def count_params(params: Any) -> int:
     """Total number of parameters (works on arrays and ``jax.ShapeDtypeStruct`` leaves)."""
     return sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+
+
+def for_decoding(model: nn.Module, params: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` and ``params`` laid out one block per layer (``scan_layers=False``, no ``remat``), as
+    decoding with a KV cache needs; unchanged when they already are."""
+    if not (model.config.scan_layers or model.config.remat):
+        return model, params
+    config = dataclasses.replace(model.config, scan_layers=False, remat=False)
+    if model.config.scan_layers:
+        params = unstack_layer_params(params, config.n_layers)
+    return create_model(config, model.policy), params
 
 
 def stack_layer_params(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
