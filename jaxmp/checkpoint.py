@@ -10,7 +10,10 @@ checks that params and optimizer state are finite, before handing the state back
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,9 @@ from jaxmp.scaling import all_finite
 from jaxmp.train_step import TrainState, leaf_paths
 
 __all__ = ["Checkpointer", "CheckpointError", "NonFiniteStateError"]
+
+
+_FREE_SPACE_HEADROOM = 256 * 1024  # bytes beyond the arrays: orbax's metadata, manifests and JSON
 
 
 class CheckpointError(UsageError):
@@ -44,12 +50,16 @@ def _as_words(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _checksums(leaves: list[jax.Array]) -> jax.Array:
-    """uint32 [n_leaves, 2]: per leaf, the wrapping sum of its words and of word x (2 * index + 1).
+def _inspect(tree: Any, checked: Any) -> tuple[jax.Array, jax.Array]:
+    """Checksums of every leaf of ``tree`` and the finiteness of ``checked``, in one program.
 
-    The second sum catches swapped or shifted elements; changing any one word changes both sums
-    (the weights are odd, so a change of ±2^k never vanishes modulo 2^32). Computed where the
-    arrays live, so a sharded state is summed without gathering it.
+    Returns:
+      uint32 [n_leaves, 2]: per leaf, the wrapping sum of its words and of word x (2 * index + 1);
+      and a bool scalar, True when every floating-point leaf of ``checked`` is finite. The second
+      sum catches swapped or shifted elements; changing any one word changes both sums (the weights
+      are odd, so a change of ±2^k never vanishes modulo 2^32). Computed where the arrays live, so a
+      sharded state is summed without gathering it, and as one program: on XLA:CPU, many small
+      programs with collectives in flight at once can deadlock a multi-device run.
     """
 
     def leaf_sums(x):
@@ -57,20 +67,25 @@ def _checksums(leaves: list[jax.Array]) -> jax.Array:
         weights = jnp.arange(words.size, dtype=jnp.uint32) * 2 + 1
         return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
 
-    return jnp.stack([leaf_sums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+    leaves = jax.tree.leaves(tree)
+    sums = jnp.stack([leaf_sums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+    return sums, all_finite(checked)
 
 
-def _checksum_table(tree: Any) -> dict[str, list[int]]:
-    """``{leaf path: [sum, weighted sum]}`` for every array leaf of ``tree``."""
-    sums = np.asarray(jax.device_get(_checksums(jax.tree.leaves(tree))))
-    return {path: [int(a), int(b)] for path, (a, b) in zip(leaf_paths(tree), sums, strict=True)}
+def _report(tree: Any, checked: Any) -> tuple[dict[str, list[int]], bool]:
+    """``({leaf path: [sum, weighted sum]}`` for every leaf of ``tree``, whether ``checked`` is finite)."""
+    sums, finite = jax.device_get(_inspect(tree, checked))
+    table = {path: [int(a), int(b)] for path, (a, b) in zip(leaf_paths(tree), np.asarray(sums), strict=True)}
+    return table, bool(finite)
 
 
-def _verify(tree: Any, recorded: dict[str, list[int]] | None, prefix: str, where: str) -> None:
-    """Raises ``CheckpointError`` naming the first leaf of ``tree`` whose checksum differs from ``recorded``."""
+def _verify(
+    table: dict[str, list[int]], recorded: dict[str, list[int]] | None, prefix: str, where: str
+) -> None:
+    """Raises ``CheckpointError`` naming the first leaf whose checksum in ``table`` differs from ``recorded``."""
     if recorded is None:  # written before checksums existed: finiteness is the only check left
         return
-    for path, sums in _checksum_table(tree).items():
+    for path, sums in table.items():
         expected = recorded.get(prefix + path)
         if expected is not None and expected != sums:
             raise CheckpointError(
@@ -92,13 +107,14 @@ def _from_saveable(restored: TrainState, target: TrainState) -> TrainState:
     return restored
 
 
-def _silence_late_orbax_callbacks() -> None:
-    """Drops the "Event loop is closed" errors that follow a failed orbax read.
+def _silence_failed_orbax_tasks() -> None:
+    """Drops the echoes of a failed orbax read or write, which would bury its one-line error.
 
-    When a restore fails, orbax closes its asyncio loop while tensorstore reads are still
-    pending; their completion callbacks then raise ``RuntimeError('Event loop is closed')`` as
-    unraisable exceptions, printing a traceback after our one-line error. Only that error is
-    dropped; every other unraisable exception still reaches the previous hook.
+    When a save or restore fails, orbax closes its asyncio loop while tensorstore operations are
+    still pending: their completion callbacks raise ``RuntimeError('Event loop is closed')`` as
+    unraisable exceptions, and each failed write task is logged again by asyncio ("Task exception
+    was never retrieved") with a full traceback when it is collected. Only those two are dropped;
+    every other unraisable exception and asyncio record still goes through.
     """
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_errors", False):
@@ -111,6 +127,9 @@ def _silence_late_orbax_callbacks() -> None:
 
     hook.drops_closed_loop_errors = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage()
+    )
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -139,20 +158,44 @@ class Checkpointer:
           NonFiniteStateError: ``state`` has non-finite params or optimizer state (nothing is written).
           OSError: the write failed (e.g. the disk is full); the checkpoints already there are kept.
         """
-        if not bool(all_finite((state.params, state.opt_state))):
+        saveable = _to_saveable(state)
+        table, finite = _report(saveable, (saveable.params, saveable.opt_state))
+        if not finite:
             raise NonFiniteStateError(
                 f"the state at step {step} has non-finite params or optimizer state; it is not saved"
             )
-        saveable = _to_saveable(state)
-        metadata = {**metadata, "checksums": _checksum_table(saveable)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(saveable), metadata=ocp.args.JsonSave(metadata)
-            ),
-            force=True,
+        metadata = {**metadata, "checksums": table}
+        self._check_free_space(step, saveable)
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(saveable), metadata=ocp.args.JsonSave(metadata)
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except (OSError, ValueError):
+            _silence_failed_orbax_tasks()
+            raise
+
+    def _check_free_space(self, step: int, saveable: Any) -> None:
+        """Raises ``OSError(ENOSPC)`` before writing when the disk has no room for this process's part
+        of the checkpoint: a clean error instead of a write that fails half way."""
+        needed = sum(
+            shard.data.nbytes
+            for leaf in jax.tree.leaves(saveable)
+            for shard in leaf.addressable_shards
+            if shard.replica_id == 0
         )
-        self._manager.wait_until_finished()
+        free = shutil.disk_usage(self._manager.directory).free
+        if free < needed + _FREE_SPACE_HEADROOM:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device: checkpoint {step} needs {needed / 2**20:.1f} MiB, "
+                f"{free / 2**20:.1f} MiB free",
+                str(self._manager.directory),
+            )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -178,10 +221,11 @@ class Checkpointer:
         )
         restored = self._read(step, args)
         metadata = dict(restored["metadata"])
-        _verify(restored["state"], metadata.pop("checksums", None), "", self.describe(step))
-        state = _from_saveable(restored["state"], target)
-        self._check_finite((state.params, state.opt_state), step)
-        return state, metadata
+        saved = restored["state"]
+        table, finite = _report(saved, (saved.params, saved.opt_state))
+        _verify(table, metadata.pop("checksums", None), "", self.describe(step))
+        self._check_finite(finite, step)
+        return _from_saveable(saved, target), metadata
 
     def restore_params(self, target_params: Any, step: int | None = None) -> Any:
         """Restores only the params (no optimizer needed), into the structure of ``target_params``.
@@ -196,8 +240,9 @@ class Checkpointer:
         restore = ocp.args.PyTreeRestore(item=abstract, restore_args=as_saved, partial_restore=True)
         restored = self._read(step, ocp.args.Composite(state=restore, metadata=ocp.args.JsonRestore()))
         params = restored["state"]["params"]
-        _verify(params, dict(restored["metadata"]).get("checksums"), "params/", self.describe(step))
-        self._check_finite(params, step)
+        table, finite = _report(params, params)
+        _verify(table, dict(restored["metadata"]).get("checksums"), "params/", self.describe(step))
+        self._check_finite(finite, step)
         return jax.tree.map(lambda x, target: x.astype(target.dtype), params, target_params)
 
     def read_metadata(self, step: int | None = None) -> dict[str, Any]:
@@ -228,10 +273,10 @@ class Checkpointer:
             # Orbax documents no exception types: a truncated array surfaces from tensorstore as a
             # ValueError, a missing _METADATA as FileNotFoundError, a garbage manifest as KeyError or
             # TypeError. All of them mean the same to a user: this checkpoint cannot be read.
-            _silence_late_orbax_callbacks()
+            _silence_failed_orbax_tasks()
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise CheckpointError(f"{self.describe(step)} cannot be read ({first_line})") from None
 
-    def _check_finite(self, tree: Any, step: int) -> None:
-        if not bool(all_finite(tree)):
+    def _check_finite(self, finite: bool, step: int) -> None:
+        if not finite:
             raise CheckpointError(f"{self.describe(step)} is damaged: it holds non-finite values")
