@@ -23,14 +23,13 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from jaxmp.cli import run_cli
-from jaxmp.config import TrainConfig, build_parser, config_from_args
+from jaxmp.config import TrainConfig, build_parser, config_from_args, path_slug
 from jaxmp.errors import DataError, UsageError
 from jaxmp.precision import get_policy
 from jaxmp.scaling import NoOpLossScale, make_loss_scale
@@ -57,7 +56,7 @@ class Variant:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_") or "policy"
+        return path_slug(self.name)
 
 
 def parse_policies(entries: list[str], loss_scale: str) -> list[Variant]:

@@ -8,6 +8,7 @@ import difflib
 import inspect
 import json
 import os
+import re
 import reprlib
 import typing
 from collections.abc import Collection, Mapping
@@ -59,7 +60,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # global-norm clip of the accumulated gradient (0 disables)
     seed: int = 0  # seeds init, dropout and the batch order
     # run directory, evaluation and checkpoints
-    out: str | None = None  # run directory; default runs/<model>-<policy preset>-<time>
+    out: str | None = None  # run directory; default runs/<model>-<policy>-<time>
     resume: bool = False  # continue the run in --out from its newest checkpoint
     overwrite: bool = False  # replace an existing run directory
     eval_every: int = 100  # updates between validation passes (0: only at the end)
@@ -310,4 +311,11 @@ def _is_yaml_1_1_text_number(text: str) -> bool:
 
 
 def default_run_dir(config: TrainConfig, now: str) -> Path:
-    return Path("runs") / f"{Path(config.init).name if config.init else config.model}-{now}"
+    """``runs/<model>-<policy>-<now>``: the model (preset or ``--init`` directory name) and policy as given."""
+    model = Path(config.init).name if config.init else config.model
+    return Path("runs") / f"{model}-{path_slug(config.policy)}-{now}"
+
+
+def path_slug(text: str) -> str:
+    """``text`` made safe as one path component: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"

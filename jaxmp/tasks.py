@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -255,7 +254,6 @@ def export_tokenizer(config: TrainConfig, task: Task) -> Any:
 
 def build_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
     """The :class:`Task` for ``config.task``; bad input raises ``UsageError`` or ``DataError``."""
-    logging.getLogger("jaxmp.hf").setLevel(logging.WARNING)
     if config.init:
         _check_init(config.init)
     if config.task == "lm":

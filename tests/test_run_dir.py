@@ -153,3 +153,11 @@ def test_finished_reads_the_summary(tmp_path):
     assert not run_dir.finished()
     (path / "summary.json").write_text("{")
     assert not run_dir.finished()
+
+
+def test_default_run_directory_names_model_and_policy():
+    from jaxmp.config import default_run_dir
+
+    assert str(default_run_dir(TrainConfig(policy="bf16"), "now")) == "runs/gpt2-tiny-bf16-now"
+    named = default_run_dir(TrainConfig(init="/models/bert", policy="bf16;.*norm.*:compute=float32"), "t")
+    assert str(named) == "runs/bert-bf16_._norm._compute_float32-t"
