@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxmp.errors import UsageError
+from jaxmp.errors import UsageError, first_line
 from jaxmp.scaling import all_finite
 from jaxmp.train_step import TrainState, leaf_paths
 
@@ -274,8 +274,7 @@ class Checkpointer:
             # ValueError, a missing _METADATA as FileNotFoundError, a garbage manifest as KeyError or
             # TypeError. All of them mean the same to a user: this checkpoint cannot be read.
             _silence_failed_orbax_tasks()
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            raise CheckpointError(f"{self.describe(step)} cannot be read ({first_line})") from None
+            raise CheckpointError(f"{self.describe(step)} cannot be read ({first_line(error)})") from None
 
     def _check_finite(self, finite: bool, step: int) -> None:
         if not finite:

@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 
 from jaxmp.config import TrainConfig
-from jaxmp.errors import UsageError
+from jaxmp.errors import UsageError, first_line
 from jaxmp.run_dir import RunDir
 
 __all__ = [
@@ -306,7 +306,7 @@ class _Wandb(Sink):
         try:
             self._run = wandb.init(project=project, name=name, config=config)
         except Exception as error:  # not logged in, no network: any failure to start is the user's to fix
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error, limit=1000)
             raise UsageError(f"--wandb {project}: could not start a Weights & Biases run: {reason}") from None
 
     def write(self, record: dict[str, Any]) -> None:

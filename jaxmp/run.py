@@ -26,7 +26,7 @@ import numpy as np
 from jaxmp import distributed, lowp, optim, precision, scaling, sharding
 from jaxmp.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError
 from jaxmp.config import TrainConfig, default_run_dir
-from jaxmp.errors import UsageError
+from jaxmp.errors import UsageError, first_line
 from jaxmp.metrics_log import MetricsLog, check_wandb, open_metrics_log, progress_style
 from jaxmp.run_dir import RunDir
 from jaxmp.tasks import Task, build_task, resolve_epochs
@@ -496,7 +496,7 @@ def _write_failure(error: Exception) -> str:
     """A write error's cause in a few words; a full disk is named as such."""
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
         return "the disk is full"
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return first_line(error)
 
 
 def _summary(
