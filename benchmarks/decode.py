@@ -27,12 +27,12 @@ import jax
 import numpy as np
 
 from jaxmp import hf, models
-from jaxmp.data import LMDataConfig, load_lm_dataset
-from jaxmp.evaluate import evaluate_policies, markdown_table
-from jaxmp.generate import generate, init_cache
+from jaxmp.data.lm import LMDataConfig, load_lm_dataset
+from jaxmp.inference.decode import generate, init_cache
+from jaxmp.inference.load import load_model, with_policy
+from jaxmp.inference.perplexity import evaluate_policies, markdown_table
 from jaxmp.lowp import tree_bytes
 from jaxmp.precision import get_policy
-from jaxmp.serving import load_model, with_policy
 
 QUALITY_POLICIES = {
     "fp32": "fp32",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmp.config import TrainConfig
-from jaxmp.run import run
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.loop import run
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 BATCH, MAX_LENGTH, LR, WARMUP = 32, 64, 1e-4, 25

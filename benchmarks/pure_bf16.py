@@ -18,8 +18,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from jaxmp.config import TrainConfig
-from jaxmp.run import run
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.loop import run
 
 RUNS = (
     ("bf16 (fp32 master)", dict(policy="bf16")),

@@ -17,21 +17,24 @@ from jaxmp.train_step import TrainState, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
-# Imported on first use: ``hf`` pulls in transformers, and an eager ``generate`` makes
-# ``python -m jaxmp.generate`` warn that the module was imported before it ran.
-_LAZY_MODULES = ("generate", "hf")
+# Imported on first use: ``hf`` pulls in transformers, ``inference`` and ``training`` orbax and the
+# tokenizers. The command lines (``jaxmp.cli`` and the ``python -m jaxmp.<verb>`` modules) are never
+# imported from here.
+_LAZY_MODULES = ("data", "hf", "inference", "training")
 
 
 def __getattr__(name: str):
-    """Imports the lazy submodules on first access (``jaxmp.hf``, ``jaxmp.generate``)."""
+    """Imports the lazy submodules on first access (``jaxmp.hf``, ``jaxmp.training``, ...)."""
     if name in _LAZY_MODULES:
         return importlib.import_module(f"jaxmp.{name}")
     raise AttributeError(f"module 'jaxmp' has no attribute {name!r}")
 
 
 __all__ = [
-    "generate",
+    "data",
     "hf",
+    "inference",
+    "training",
     "lowp",
     "models",
     "sharding",

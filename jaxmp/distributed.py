@@ -35,7 +35,7 @@ def initialize(coordinator: str | None, num_processes: int = 1, process_id: int 
     """
     if coordinator is None:
         if (num_processes, process_id) != (1, 0):
-            raise ValueError("--num-processes/--process-id need --coordinator HOST:PORT (or auto)")
+            raise ValueError("`num_processes`/`process_id` need `coordinator` HOST:PORT (or auto)")
         return
     jax.config.update(
         "jax_cpu_collectives_implementation", "gloo"
@@ -45,10 +45,10 @@ def initialize(coordinator: str | None, num_processes: int = 1, process_id: int 
         return
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--coordinator {coordinator!r}: write HOST:PORT of process 0, or auto")
+        raise ValueError(f"`coordinator` {coordinator!r}: write HOST:PORT of process 0, or auto")
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise ValueError(
-            f"--process-id {process_id} is not in 0 .. --num-processes - 1 (--num-processes {num_processes})"
+            f"`process_id` {process_id} is not in 0 .. `num_processes` - 1 (`num_processes` {num_processes})"
         )
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 

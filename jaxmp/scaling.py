@@ -27,6 +27,7 @@ __all__ = [
     "all_finite",
     "default_loss_scale",
     "make_loss_scale",
+    "parse_loss_scale",
 ]
 
 
@@ -220,15 +221,16 @@ def default_loss_scale(policy: Policy) -> LossScale:
     return NoOpLossScale()
 
 
-def make_loss_scale(spec: str, policy: Policy) -> LossScale:
-    """Builds a loss scale from ``auto``, ``none``, ``dynamic`` or ``static:N``."""
+def parse_loss_scale(spec: str) -> tuple[str, float | None]:
+    """Parses ``auto``, ``none``, ``dynamic`` or ``static:N`` into ``(kind, N or None)``; builds no arrays,
+    so it may run before ``jax.distributed.initialize``.
+
+    Raises:
+      ValueError: an unknown spec, or a static scale that is not a number in (0, float32 max].
+    """
     spec = spec.strip().lower()
-    if spec == "auto":
-        return default_loss_scale(policy)
-    if spec == "none":
-        return NoOpLossScale()
-    if spec == "dynamic":
-        return DynamicLossScale()
+    if spec in ("auto", "none", "dynamic"):
+        return spec, None
     if spec.startswith("static:"):
         try:
             value = float(spec.split(":", 1)[1])
@@ -238,5 +240,18 @@ def make_loss_scale(spec: str, policy: Policy) -> LossScale:
             raise ValueError(
                 f"bad static loss scale {spec!r}; write static:N with 0 < N <= 3.4e38 (float32), e.g. static:128"
             )
-        return StaticLossScale(value)
+        return "static", value
     raise ValueError(f"unknown loss scale {spec!r}; valid: auto, none, dynamic, static:N")
+
+
+def make_loss_scale(spec: str, policy: Policy) -> LossScale:
+    """Builds a loss scale from ``auto`` (see :func:`default_loss_scale`), ``none``, ``dynamic`` or
+    ``static:N``; raises ``ValueError`` for any other spec (see :func:`parse_loss_scale`)."""
+    kind, value = parse_loss_scale(spec)
+    if kind == "auto":
+        return default_loss_scale(policy)
+    if kind == "none":
+        return NoOpLossScale()
+    if kind == "dynamic":
+        return DynamicLossScale()
+    return StaticLossScale(value)

@@ -153,7 +153,19 @@ def _argv(case: Case, root: Path) -> list[str]:
 
 _TINY_TRAIN = ("--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1")
 _TRAIN = (*_TINY_TRAIN, "--sample-tokens", "0", "--data", "{text.txt}", "--out", "{out}")
-_CLASSIFY = (*_TRAIN, "--task", "classify", "--init", "{good}", "--eval-data", "{labels.tsv}")
+_TINY_CLASSIFY = (
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--data",
+    "{labels.tsv}",
+    "--out",
+    "{out}",
+)
+_CLASSIFY = (*_TINY_CLASSIFY, "--task", "classify", "--init", "{good}", "--eval-data", "{labels.tsv}")
 TRAIN_CASES = [
     case("flag", "--steps", *_TRAIN, "--steps", "many"),
     case("binary_data", "not UTF-8", *_TRAIN, "--data", "{binary.bin}"),
@@ -172,6 +184,10 @@ TRAIN_CASES = [
     case("tsv_label_beyond_int32", "label 99999999999 is outside", *_CLASSIFY, "--data", "{label_beyond_int32.tsv}"),
     case("jsonl_label_beyond_int32", "label 4294967296 is outside", *_CLASSIFY, "--data", "{label_beyond_int32.jsonl}"),
     case("csv_open_quote", "quoted fields are closed", *_CLASSIFY, "--data", "{open_quote.csv}"),
+    case("eval_data_with_lm", "--eval-data applies to --task classify only", *_TRAIN, "--eval-data", "{labels.tsv}"),
+    case("max_rows_with_lm", "--max-rows applies to --task classify only", *_TRAIN, "--max-rows", "4"),
+    case("tokenizer_with_classify", "--tokenizer applies to --task lm only", *_CLASSIFY, "--tokenizer", "bpe:300"),
+    case("eval_batches_with_classify", "--eval-batches applies to --task lm only", *_CLASSIFY, "--eval-batches", "2"),
 ]  # fmt: skip
 
 _GENERATE = ("--model", "{good}", "--tokenizer", "byte", "--max-new-tokens", "2")
@@ -201,6 +217,8 @@ EVALUATE_CASES = [
     case("json_read_only", "is not writable", *_EVALUATE, "--json", "/proc/jaxmp-test/ppl.json"),
     case("model_truncated", "damaged or not a safetensors file", *_EVALUATE, "--model", "{truncated}"),
     case("model_unknown_type", "'mamba9' is not supported", *_EVALUATE, "--model", "{unknown_type}"),
+    case("policy_with_loss_scale", "names a loss scale", *_EVALUATE, "--policies", "fp32", "fp16@static:128"),
+    case("policy_listed_twice", "lists a policy twice", *_EVALUATE, "--policies", "fp32", "fp32,bf16"),
 ]  # fmt: skip
 
 _DIAGNOSE = ("--batches", "1", "--batch-size", "2", "--seq-len", "16", "--out", "{out}")
@@ -214,7 +232,7 @@ DIAGNOSE_CASES = [
     case("out_is_a_file", "is a file", *_DIAGNOSE, "--out", "{a_file}"),
 ]  # fmt: skip
 
-_COMPARE = (*_TINY_TRAIN, "--sample-tokens", "0", "--data", "{text.txt}", "--out", "{out}")
+_COMPARE = (*_TINY_TRAIN, "--data", "{text.txt}", "--out", "{out}")
 COMPARE_CASES = [
     case("flag", "--steps", *_COMPARE, "--steps", "many"),
     case("unknown_policy", "fp64", *_COMPARE, "--policies", "fp32", "fp64"),
@@ -223,6 +241,8 @@ COMPARE_CASES = [
     case("report_exists", "--overwrite", *_COMPARE, "--policies", "fp32", "--out", "{existing_report}"),
     case("binary_data", "not UTF-8", *_COMPARE, "--policies", "fp32", "bf16", "--data", "{binary.bin}"),
     case("truncated_init", "truncated", *_COMPARE, "--policies", "fp32", "--init", "{truncated}"),
+    case("sample_tokens_not_offered", "unrecognized arguments: --sample-tokens", *_COMPARE, "--sample-tokens", "5"),
+    case("policy_not_offered", "unrecognized arguments: --policy bf16", *_COMPARE, "--policy", "bf16"),
 ]  # fmt: skip
 
 VERBS = {

@@ -7,32 +7,34 @@ import pytest
 from matplotlib import image
 
 from jaxmp import compare
+from jaxmp.cli.policy_list import parse_policy_list
+from jaxmp.training import compare as training_compare
+from jaxmp.training.compare import Variant
 from jaxmp.diagnose import main as diagnose_main
 from jaxmp.errors import UsageError
 
-TINY = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--eval-batches", "2"]
+TINY = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]
 
 
-def test_policies_grammar():
-    variants = compare.parse_policies(
+def test_policy_list_grammar():
+    entries = parse_policy_list(
         [
             "fp32,bf16",
             "fp16-noscale",
             "fp16@static:1024",
             "params=float32,compute=float16",
             "bf16;.*norm.*:c=f32",
-        ],
-        "auto",
+        ]
     )
-    assert [(v.name, v.policy, v.loss_scale) for v in variants] == [
-        ("fp32", "fp32", "auto"),
-        ("bf16", "bf16", "auto"),
+    assert [(e.name, e.policy, e.loss_scale) for e in entries] == [
+        ("fp32", "fp32", None),
+        ("bf16", "bf16", None),
         ("fp16-noscale", "fp16", "none"),
         ("fp16@static:1024", "fp16", "static:1024"),
-        ("params=float32,compute=float16", "params=float32,compute=float16", "auto"),
-        ("bf16;.*norm.*:c=f32", "bf16;.*norm.*:c=f32", "auto"),
+        ("params=float32,compute=float16", "params=float32,compute=float16", None),
+        ("bf16;.*norm.*:c=f32", "bf16;.*norm.*:c=f32", None),
     ]
-    assert len({v.slug for v in variants}) == len(variants)
+    assert len({Variant(e.name, e.policy, "auto").slug for e in entries}) == len(entries)
     for entries, named in (
         ([], "empty"),
         ([""], "empty"),
@@ -43,7 +45,7 @@ def test_policies_grammar():
         (["a=b"], "'a'"),
     ):
         with pytest.raises(UsageError, match=named):
-            compare.parse_policies(entries, "auto")
+            parse_policy_list(entries)
 
 
 def test_ratios_are_against_the_fp32_row():
@@ -59,9 +61,9 @@ def test_ratios_are_against_the_fp32_row():
             "step_time_s": 1.0,
         },
     ]
-    compare._add_ratios(rows)
+    training_compare._add_ratios(rows)
     assert rows[0]["val_loss_ratio"] == pytest.approx(1.1) and rows[0]["step_time_ratio"] == 0.5
-    compare._add_ratios(rows[:1])
+    training_compare._add_ratios(rows[:1])
     assert rows[0]["val_loss_ratio"] is None
 
 
@@ -82,8 +84,8 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(tmp_path, capsys):
         (["--policies", ""], "empty"),
         (["--policies"], "--policies"),
         (["--model", "gpt5"], "gpt5"),
-        (["--policy", "bf16"], "--policies"),
-        (["--resume"], "--resume"),
+        (["--policy", "bf16"], "unrecognized arguments: --policy bf16"),  # no abbreviation of --policies
+        (["--resume"], "unrecognized arguments: --resume"),
         (["--steps", "0"], "--steps"),
     ]
     for argv, named in cases:

@@ -1,4 +1,4 @@
-"""Tests for jaxmp.data (LM corpora, tokenizers, packing, batches) and jaxmp.classify_data."""
+"""Tests for jaxmp.data: corpora, tokenizers, LM packing and batches, classification rows."""
 
 import dataclasses
 import hashlib
@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmp import classify_data, data
-from jaxmp import tokenizer as tokenizer_lib
-from jaxmp.classify_data import load_classification_data, read_labelled_rows
-from jaxmp.data import LMDataConfig, LMDataset, load_lm_dataset, read_corpus
+from jaxmp.data import classify as classify_data
+from jaxmp.data import tokenizer as tokenizer_lib
+from jaxmp.data.classify import load_classification_data, read_labelled_rows
+from jaxmp.data.corpus import Corpus, read_corpus
+from jaxmp.data.lm import LMDataConfig, LMDataset, load_lm_dataset, pack_tokens
+from jaxmp.data.tokenizer import ByteTokenizer, load_tokenizer
 from jaxmp.errors import DataError
-from jaxmp.tokenizer import ByteTokenizer, load_tokenizer
 
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 SST2_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
@@ -31,7 +32,7 @@ def shakespeare(tmp_path_factory) -> LMDataset:
 
 
 @pytest.fixture
-def small_corpus(tmp_path) -> data.Corpus:
+def small_corpus(tmp_path) -> Corpus:
     text = next(read_corpus().documents())[:20_000]
     (tmp_path / "corpus.txt").write_text(text)
     return read_corpus(tmp_path / "corpus.txt")
@@ -175,15 +176,15 @@ def test_tokenizer_exports_to_transformers_with_the_same_ids(spec, small_corpus,
 
 def test_packing_is_cached_and_memory_mapped(small_corpus, tmp_path):
     tokenizer = CountingTokenizer()
-    first = data.pack_tokens(small_corpus, tokenizer, tmp_path)
+    first = pack_tokens(small_corpus, tokenizer, tmp_path)
     assert tokenizer.calls == 1 and isinstance(first, np.memmap) and first.dtype == np.uint16
     (cached,) = tmp_path.glob("tokens-*.npy")
     mtime = cached.stat().st_mtime_ns
-    second = data.pack_tokens(small_corpus, tokenizer, tmp_path)
+    second = pack_tokens(small_corpus, tokenizer, tmp_path)
     assert tokenizer.calls == 1 and cached.stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(first, second)
     np.testing.assert_array_equal(first, list(next(small_corpus.documents()).encode("utf-8")))
-    data.pack_tokens(small_corpus, CountingTokenizer(name="other"), tmp_path)
+    pack_tokens(small_corpus, CountingTokenizer(name="other"), tmp_path)
     assert len(list(tmp_path.glob("tokens-*.npy"))) == 2  # a new tokenizer identity gets its own cache
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -191,7 +192,7 @@ def test_packing_is_cached_and_memory_mapped(small_corpus, tmp_path):
 def test_packing_appends_eos_after_every_document(tmp_path):
     for name, text in [("a.txt", "ab"), ("b.txt", "c")]:
         (tmp_path / name).write_text(text)
-    tokens = data.pack_tokens(read_corpus(tmp_path), CountingTokenizer(eos_id=255), tmp_path / "cache")
+    tokens = pack_tokens(read_corpus(tmp_path), CountingTokenizer(eos_id=255), tmp_path / "cache")
     np.testing.assert_array_equal(tokens, [97, 98, 255, 99, 255])
 
 

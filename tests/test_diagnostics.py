@@ -11,12 +11,12 @@ import pytest
 
 import jaxmp
 from jaxmp import diagnostics, models, value_stats
-from jaxmp.config import TrainConfig
-from jaxmp.data import LMDataConfig, load_lm_dataset
+from jaxmp.data.lm import LMDataConfig, load_lm_dataset
 from jaxmp.diagnose import main as diagnose_main
 from jaxmp.losses import lm_loss
-from jaxmp.run import run
 from jaxmp.train_step import leaf_paths
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.loop import run
 
 TINY = 2.0**-24  # fp16's smallest subnormal
 NORMAL = 2.0**-14  # fp16's smallest normal

@@ -9,10 +9,11 @@ import pytest
 import jaxmp
 from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
-from jaxmp.config import TrainConfig
-from jaxmp.evaluate import evaluate_policies, main, markdown_table, perplexity
-from jaxmp.run_dir import RunDir
-from jaxmp.serving import load_model
+from jaxmp.evaluate import main
+from jaxmp.inference.load import load_model
+from jaxmp.inference.perplexity import evaluate_policies, markdown_table, perplexity
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.run_dir import RunDir
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
 
@@ -70,7 +71,7 @@ def test_cli_writes_table_and_json(hf_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("| policy | params MiB | tokens | NLL | perplexity | vs fp32 |")
     record = json.loads(out.read_text())
     assert record["seq_len"] == 32 and [r["ratio"] for r in record["results"]][0] == 1.0
-    assert main([*argv, "--policies", "params=bfloat16,compute=bfloat16+fp32"]) == 0
+    assert main([*argv, "--policies", "params=bfloat16,compute=bfloat16", "fp32"]) == 0  # one grammar: compare's
     assert capsys.readouterr().out.count("\n") == 4
 
 

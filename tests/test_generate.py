@@ -11,10 +11,11 @@ from flax import traverse_util
 import jaxmp
 from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
-from jaxmp.config import TrainConfig
-from jaxmp.generate import Sampling, generate, init_cache, main, sample_logits, sample_text
+from jaxmp.generate import main
+from jaxmp.inference.decode import Sampling, generate, init_cache, sample_logits, sample_text
 from jaxmp.lowp import tree_bytes
-from jaxmp.run_dir import RunDir
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.run_dir import RunDir
 
 SHAPES = {
     "gpt2": ("gpt2-tiny", {}),

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from helpers import read_event_files, tensorboard_scalars
 
-from jaxmp import metrics_log
-from jaxmp.config import TrainConfig
 from jaxmp.errors import UsageError
-from jaxmp.metrics_log import (
+from jaxmp.train import main
+from jaxmp.training import metrics_log
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.metrics_log import (
     TAGS,
     MetricsLog,
     Window,
@@ -27,8 +28,7 @@ from jaxmp.metrics_log import (
     progress_line,
     progress_style,
 )
-from jaxmp.run_dir import RunDir
-from jaxmp.train import main
+from jaxmp.training.run_dir import RunDir
 
 # The last micro-step's metrics as the train step returns them (numpy scalars after device_get).
 METRICS = {
@@ -268,7 +268,7 @@ def test_no_progress_prints_nothing(tmp_path, capsys):
 
 def test_wandb_without_the_package_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
-    with pytest.raises(UsageError, match=r"^--wandb needs the wandb package: pip install wandb$"):
+    with pytest.raises(UsageError, match=r"^`wandb` needs the wandb package: pip install wandb$"):
         check_wandb()
     out = tmp_path / "run"
     assert main(["--wandb", "my-project", "--steps", "2", "--out", str(out)]) == 2
@@ -335,7 +335,7 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
 def test_tensorboardx_is_imported_without_torch():
     code = (
         "import sys\n"
-        "from jaxmp.metrics_log import _import_tensorboardx\n"
+        "from jaxmp.training.metrics_log import _import_tensorboardx\n"
         "_import_tensorboardx()\n"
         "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules\n"
     )

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxmp.checkpoint import Checkpointer
-from jaxmp.config import TrainConfig
-from jaxmp.run import run
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.loop import run
 
 
 def logged_losses(run_dir):

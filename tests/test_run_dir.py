@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from jaxmp.config import TrainConfig
 from jaxmp.errors import UsageError
-from jaxmp.run_dir import RunDir
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.run_dir import RunDir
 
 IDENTITY = {"task": "lm", "model": "gpt2-tiny", "tokenizer": "byte"}
 
@@ -66,7 +66,7 @@ def test_overwrite_replaces_only_the_runs_outputs(tmp_path):
 
 def test_existing_run_needs_resume_or_overwrite_and_resume_keeps_config(tmp_path):
     path = make_run(tmp_path / "run")
-    with pytest.raises(UsageError, match="--resume to continue it or --overwrite"):
+    with pytest.raises(UsageError, match="`resume` to continue it or `overwrite`"):
         RunDir(path, resume=False, overwrite=False)
     with pytest.raises(UsageError, match="contradict"):
         RunDir(path, resume=True, overwrite=True)
@@ -100,7 +100,7 @@ def test_second_owner_is_refused_and_the_lock_dies_with_its_process(tmp_path):
         RunDir(path, resume=False, overwrite=False).lock()
     first.release()
     # A process that dies holding the lock (no cleanup at all) leaves no stale lock behind.
-    code = f"from jaxmp.run_dir import RunDir; import os; RunDir({str(path)!r}, resume=False, overwrite=False).lock(); os._exit(9)"
+    code = f"from jaxmp.training.run_dir import RunDir; import os; RunDir({str(path)!r}, resume=False, overwrite=False).lock(); os._exit(9)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     RunDir(path, resume=False, overwrite=False).lock()
 
@@ -156,7 +156,7 @@ def test_finished_reads_the_summary(tmp_path):
 
 
 def test_default_run_directory_names_model_and_policy():
-    from jaxmp.config import default_run_dir
+    from jaxmp.training.config import default_run_dir
 
     assert str(default_run_dir(TrainConfig(policy="bf16"), "now")) == "runs/gpt2-tiny-bf16-now"
     named = default_run_dir(TrainConfig(init="/models/bert", policy="bf16;.*norm.*:compute=float32"), "t")

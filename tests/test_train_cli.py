@@ -16,11 +16,11 @@ import pytest
 import jaxmp
 from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
-from jaxmp.classify_data import load_classification_data, read_labelled_rows
-from jaxmp.config import TrainConfig
+from jaxmp.data.classify import load_classification_data, read_labelled_rows
 from jaxmp.precision import get_policy
-from jaxmp.tasks import build_task, resolve_epochs
 from jaxmp.train import main
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.tasks import build_task, resolve_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -372,7 +372,7 @@ def test_accumulation_window_is_one_scanned_call_equal_to_per_micro_step_trainin
     config = TrainConfig(data=str(corpus), init=str(tiny_lm_dir), policy="fp32", steps=3, accum_steps=4,
                          batch_size=2, seq_len=16, log_every=1, eval_every=0, sample_tokens=0, warmup_steps=1,
                          out=str(tmp_path / "run"))  # fmt: skip
-    from jaxmp.run import run
+    from jaxmp.training.loop import run
 
     result = run(config, show_progress=False, log=lambda message: None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -421,7 +421,7 @@ def test_scanned_and_rematerialised_layers_train_the_same_model(tmp_path, tiny_l
     assert config["scan_layers"] and config["remat"]
     np.testing.assert_allclose(losses_of(layered), losses_of(plain), rtol=1e-5)
     # the checkpoint holds stacked layers; serving and the export lay them out per layer again
-    from jaxmp.serving import load_model
+    from jaxmp.inference.load import load_model
 
     loaded = load_model(str(layered), "fp32")
     assert not loaded.model.config.scan_layers and "blocks_1" in loaded.params

@@ -1,6 +1,6 @@
-"""What a run trains: model, initial params, data, loss and evaluation for each ``--task``.
+"""What a run trains: model, initial params, data, loss and evaluation for each ``task``.
 
-``build_task(config, policy, cache_dir)`` returns a :class:`Task`; the training loop in
+``build_task(config, cache_dir)`` returns a :class:`Task`; the training loop in
 ``jaxmp.run`` knows nothing about language modelling or classification.
 """
 
@@ -17,14 +17,13 @@ import jax
 import numpy as np
 
 from jaxmp import hf, models
-from jaxmp.classify_data import load_classification_data, load_hf_tokenizer, read_labelled_rows
-from jaxmp.config import TrainConfig
-from jaxmp.data import LMDataConfig, load_lm_dataset
+from jaxmp.data.classify import load_classification_data, load_hf_tokenizer, read_labelled_rows
+from jaxmp.data.lm import LMDataConfig, load_lm_dataset
+from jaxmp.data.tokenizer import Tokenizer
 from jaxmp.errors import UsageError
 from jaxmp.losses import classification_loss, lm_loss
-from jaxmp.precision import Policy
-from jaxmp.tokenizer import Tokenizer
 from jaxmp.train_step import make_eval_step
+from jaxmp.training.config import TrainConfig
 
 __all__ = ["Task", "build_task", "resolve_epochs", "export_tokenizer"]
 
@@ -61,18 +60,18 @@ class Task:
 
 def _check_init(init: str) -> None:
     if not (Path(init) / "config.json").is_file():
-        raise UsageError(f"--init {init} has no config.json; give a Hugging Face model directory")
+        raise UsageError(f"`init` {init} has no config.json; give a Hugging Face model directory")
     if not any((Path(init) / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-        raise UsageError(f"--init {init} has no model.safetensors or pytorch_model.bin weights")
+        raise UsageError(f"`init` {init} has no model.safetensors or pytorch_model.bin weights")
 
 
-def _load_pretrained(config: TrainConfig, policy: Policy, task: str, **kwargs) -> tuple[Any, Any]:
+def _load_pretrained(config: TrainConfig, task: str, **kwargs) -> tuple[Any, Any]:
     init = Path(config.init)
     layers = {"scan_layers": config.scan_layers, "remat": config.remat}
     try:
-        return hf.from_pretrained(init, policy, task=task, **kwargs, **layers)
+        return hf.from_pretrained(init, config.precision_policy, task=task, **kwargs, **layers)
     except (ValueError, OSError) as error:
-        raise UsageError(f"--init {init}: {error}") from None
+        raise UsageError(f"`init` {init}: {error}") from None
 
 
 def _mean_eval(eval_step: Callable, params: Any, batches: Iterator[Batch]) -> dict[str, float]:
@@ -86,39 +85,39 @@ def _mean_eval(eval_step: Callable, params: Any, batches: Iterator[Batch]) -> di
         if "correct" in aux:
             has_accuracy, correct = True, correct + float(aux["correct"])
     if rows == 0:
-        raise UsageError("the validation data gave no batch; use a smaller --batch-size or --seq-len")
+        raise UsageError("the validation data gave no batch; use a smaller `batch_size` or `seq_len`")
     return {"val_loss": loss_sum / rows, **({"val_accuracy": correct / rows} if has_accuracy else {})}
 
 
 def _require_causal(model_config: Any, name: str) -> None:
-    """Refuses a model ``--task lm`` cannot train: a BERT encoder, or a model with another head."""
+    """Refuses a model ``task="lm"`` cannot train: a BERT encoder, or a model with another head."""
     if not models.is_causal_lm(model_config):
-        raise UsageError(f"--task lm trains causal models; {name} is not one (use a GPT-2 or Llama model)")
+        raise UsageError(f"`task` lm trains causal models; {name} is not one (use a GPT-2 or Llama model)")
 
 
-def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
+def _lm_task(config: TrainConfig, cache_dir: Path) -> Task:
     dataset = load_lm_dataset(
         LMDataConfig(data=config.data, tokenizer=config.tokenizer, cache_dir=str(cache_dir))
     )
     tokenizer = dataset.tokenizer
     if config.init:
-        model, params = _load_pretrained(config, policy, "lm")
-        _require_causal(model.config, f"--init {config.init}")
+        model, params = _load_pretrained(config, "lm")
+        _require_causal(model.config, f"`init` {config.init}")
         if model.config.vocab_size < tokenizer.vocab_size:
             raise UsageError(
-                f"--init model has {model.config.vocab_size} token ids but tokenizer {tokenizer.name} "
-                f"needs {tokenizer.vocab_size}; use the model's own tokenizer (--tokenizer {config.init})"
+                f"`init` model has {model.config.vocab_size} token ids but tokenizer {tokenizer.name} "
+                f"needs {tokenizer.vocab_size}; use the model's own tokenizer (`tokenizer` {config.init})"
             )
     else:
         model_config = _preset(
             config.model, vocab_size=tokenizer.vocab_size, scan_layers=config.scan_layers, remat=config.remat
         )
         _require_causal(model_config, config.model)
-        model = models.create_model(model_config, policy)
+        model = models.create_model(model_config, config.precision_policy)
         params = None
     if config.seq_len > model.config.max_positions:
         raise UsageError(
-            f"--seq-len {config.seq_len} is beyond {config.model}'s {model.config.max_positions} positions"
+            f"`seq_len` {config.seq_len} is beyond {config.model}'s {model.config.max_positions} positions"
         )
     if params is None:
         params = models.init_params(model, jax.random.key(config.seed), config.seq_len)
@@ -131,7 +130,7 @@ def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
         del rng
         return lm_loss(model.apply({"params": params}, batch["input_ids"]).logits, batch["targets"]), {}
 
-    eval_step = make_eval_step(deterministic_loss, policy, cast_params=False)
+    eval_step = make_eval_step(deterministic_loss, config.precision_policy, cast_params=False)
     dataset.batch(config.seed, 0, config.batch_size, config.seq_len)  # fail early on a short corpus
     next(iter(dataset.val_batches(config.batch_size, config.seq_len, 1)), None)
     return Task(
@@ -156,24 +155,24 @@ def _lm_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
 def _check_classify_inputs(config: TrainConfig) -> None:
     if not config.init:
         raise UsageError(
-            "--task classify fine-tunes a checkpoint: give --init HF_DIR (e.g. a BERT directory)"
+            "`task` classify fine-tunes a checkpoint: give `init` HF_DIR (e.g. a BERT directory)"
         )
     if not config.data or not config.eval_data:
         raise UsageError(
-            "--task classify needs --data TRAIN_FILE and --eval-data DEV_FILE (.tsv, .csv or .jsonl)"
+            "`task` classify needs `data` TRAIN_FILE and `eval_data` DEV_FILE (.tsv, .csv or .jsonl)"
         )
 
 
-def _classify_task(config: TrainConfig, policy: Policy) -> Task:
+def _classify_task(config: TrainConfig) -> Task:
     _check_classify_inputs(config)
     lengths = {"max_length": config.seq_len, "pad_multiple": config.pad_multiple}
     train = load_classification_data(config.data, config.init, limit=config.max_rows, **lengths)
     dev = load_classification_data(config.eval_data, config.init, **lengths)
     num_labels = max(train.num_labels, dev.num_labels)
-    model, params = _load_pretrained(config, policy, "classify", num_labels=num_labels)
+    model, params = _load_pretrained(config, "classify", num_labels=num_labels)
     if config.seq_len > model.config.max_positions:
         raise UsageError(
-            f"--seq-len {config.seq_len} is beyond the model's {model.config.max_positions} positions"
+            f"`seq_len` {config.seq_len} is beyond the model's {model.config.max_positions} positions"
         )
 
     def forward(params, batch, **kwargs):
@@ -193,7 +192,7 @@ def _classify_task(config: TrainConfig, policy: Policy) -> Task:
         del rng
         return classification_loss(forward(params, batch), batch["labels"], batch["weight"])
 
-    eval_step = make_eval_step(deterministic_loss, policy, cast_params=False)
+    eval_step = make_eval_step(deterministic_loss, config.precision_policy, cast_params=False)
     return Task(
         model=model,
         params=params,
@@ -214,24 +213,18 @@ def _preset(name: str, **overrides) -> Any:
     try:
         return models.get_config(name, **overrides)
     except ValueError as error:
-        raise UsageError(f"--model: {error}") from None
+        raise UsageError(f"`model`: {error}") from None
 
 
 def resolve_epochs(config: TrainConfig) -> TrainConfig:
-    """Checks ``--epochs`` and ``--max-rows``; returns ``config``, with ``steps`` set from ``epochs`` if given.
+    """Returns ``config``, with ``steps`` set from ``epochs`` if given.
 
     ``steps = ceil(epochs * rows / (batch_size * accum_steps))``, ``rows`` being the training rows (those of
-    ``--data``, at most ``--max-rows``): the fewest updates that see ``epochs * rows`` rows, computed exactly
+    ``data``, at most ``max_rows``): the fewest updates that see ``epochs * rows`` rows, computed exactly
     for ``epochs`` as written in decimal (0.1 is 1/10). Batches are one stream of shuffled epochs, so when
     ``epochs * rows`` does not fill the last update, it also takes the next epoch's first rows. ``config``
-    must have passed ``jaxmp.run.check_config``; bad values raise ``UsageError`` (a bad file ``DataError``).
+    must have passed ``config.check()``; bad values raise ``UsageError`` (a bad file ``DataError``).
     """
-    if config.max_rows is not None and config.max_rows < 1:
-        raise UsageError(f"--max-rows must be >= 1, got {config.max_rows}")
-    if config.epochs is not None and not (math.isfinite(config.epochs) and config.epochs > 0):
-        raise UsageError(f"--epochs must be a finite number > 0, got {config.epochs}")
-    if config.task != "classify" and (config.epochs is not None or config.max_rows is not None):
-        raise UsageError("--epochs and --max-rows count rows of --task classify data; use --steps for lm")
     if config.epochs is None:
         return config
     _check_classify_inputs(config)
@@ -242,9 +235,9 @@ def resolve_epochs(config: TrainConfig) -> TrainConfig:
 
 
 def export_tokenizer(config: TrainConfig, task: Task) -> Any:
-    """The run's tokenizer as a ``transformers`` tokenizer, for ``--export-hf``.
+    """The run's tokenizer as a ``transformers`` tokenizer, for ``export_hf``.
 
-    classify: the ``--init`` directory's, loaded as the run loaded it; lm: one whose
+    classify: the ``init`` directory's, loaded as the run loaded it; lm: one whose
     ``tokenizer(text)["input_ids"]`` equal ``task.tokenizer.encode(text)``.
     """
     if task.tokenizer is not None:
@@ -252,10 +245,10 @@ def export_tokenizer(config: TrainConfig, task: Task) -> Any:
     return load_hf_tokenizer(config.init)
 
 
-def build_task(config: TrainConfig, policy: Policy, cache_dir: Path) -> Task:
+def build_task(config: TrainConfig, cache_dir: Path) -> Task:
     """The :class:`Task` for ``config.task``; bad input raises ``UsageError`` or ``DataError``."""
     if config.init:
         _check_init(config.init)
     if config.task == "lm":
-        return _lm_task(config, policy, cache_dir)
-    return _classify_task(config, policy)
+        return _lm_task(config, cache_dir)
+    return _classify_task(config)

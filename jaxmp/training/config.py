@@ -1,31 +1,45 @@
-"""``TrainConfig``: every setting of a run, its default declared once, and the CLI built from it."""
+"""``TrainConfig``: every setting of a run, its default declared once, checked by itself; config files.
+
+Field names are the flags of ``python -m jaxmp.train`` (``seq_len`` is ``--seq-len``, see
+:mod:`jaxmp.cli.train_flags`). Errors name a field in backticks (```seq_len` must be >= 1``).
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import inspect
+import functools
 import json
+import math
 import os
 import re
 import reprlib
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxmp.cli import UsageParser
 from jaxmp.errors import UsageError
+from jaxmp.precision import Policy, get_policy
+from jaxmp.scaling import LossScale, make_loss_scale, parse_loss_scale
 
-__all__ = [
-    "TrainConfig",
-    "build_parser",
-    "config_from_args",
-    "merge_config",
-    "read_config_file",
-    "FLAG_GROUPS",
-]
+__all__ = ["TrainConfig", "merge_config", "read_config_file", "config_values", "default_run_dir", "path_slug"]
+
+_MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
+_POSITIVE = ("steps", "batch_size", "accum_steps", "seq_len", "log_every", "keep_checkpoints", "eval_batches")
+_NON_NEGATIVE = (
+    "warmup_steps",
+    "eval_every",
+    "save_every",
+    "max_consecutive_skips",
+    "pad_multiple",
+    "sample_tokens",
+)
+# Fields that only one task reads: set for the other task, they would be silently ignored.
+_TASK_ONLY_FIELDS = {
+    "lm": ("tokenizer", "eval_batches"),
+    "classify": ("eval_data", "pad_multiple", "max_rows", "epochs"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +47,7 @@ class TrainConfig:
     """A training run. Field names are the CLI flags (``seq_len`` is ``--seq-len``)."""
 
     # model and precision
-    model: str = "gpt2-tiny"  # preset name (jaxmp.models.PRESETS); ignored with --init
+    model: str = "gpt2-tiny"  # preset name (jaxmp.models.PRESETS); ignored with init
     policy: str = "auto"  # precision policy string, e.g. params=float32,compute=bfloat16
     task: str = "lm"  # lm (next-token) or classify (sequence classification)
     init: str | None = None  # Hugging Face directory to start from (config.json + weights)
@@ -45,7 +59,7 @@ class TrainConfig:
     # data
     data: str | None = None  # text file or directory (lm), TSV/CSV/JSONL (classify); none: tiny Shakespeare
     eval_data: str | None = None  # validation file (classify); lm holds out the corpus' tail
-    tokenizer: str = "byte"  # byte | bpe:N | tokenizer.json | HF tokenizer dir (lm; classify uses --init)
+    tokenizer: str = "byte"  # byte | bpe:N | tokenizer.json | HF tokenizer dir (lm; classify uses init's)
     seq_len: int = 64  # tokens per sequence (classify: max length after truncation)
     pad_multiple: int = 16  # classify: pad a batch to its longest row, rounded up to this (0: to --seq-len)
     max_rows: int | None = None  # classify: train on the first N rows of --data only (none: all)
@@ -82,119 +96,86 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    @functools.cached_property
+    def precision_policy(self) -> Policy:
+        """The parsed ``policy``. ``auto`` asks the devices: read it after ``jax.distributed.initialize``.
 
-FLAG_GROUPS = {
-    "model and precision": (
-        "model",
-        "policy",
-        "task",
-        "init",
-        "loss_scale",
-        "param_update",
-        "moment_dtype",
-        "scan_layers",
-        "remat",
-    ),
-    "data": ("data", "eval_data", "tokenizer", "seq_len", "pad_multiple", "max_rows"),
-    "optimization": (
-        "steps",
-        "epochs",
-        "batch_size",
-        "accum_steps",
-        "lr",
-        "warmup_steps",
-        "weight_decay",
-        "clip_norm",
-        "seed",
-    ),
-    "run directory, evaluation and checkpoints": (
-        "out",
-        "resume",
-        "overwrite",
-        "eval_every",
-        "eval_batches",
-        "log_every",
-        "save_every",
-        "keep_checkpoints",
-        "max_consecutive_skips",
-        "export_hf",
-        "sample_tokens",
-        "no_tensorboard",
-        "wandb",
-    ),
-    "devices and hosts": ("mesh", "coordinator", "num_processes", "process_id"),
-}
-_EXCLUSIVE = ("steps", "epochs")  # at most one of these flags may be given
-_CHOICES = {
+        Raises:
+          UsageError: naming ``policy``, for a string that does not parse.
+        """
+        try:
+            return get_policy(self.policy)
+        except ValueError as error:
+            raise UsageError(f"`policy`: {error}") from None
+
+    def initial_loss_scale(self) -> LossScale:
+        """A fresh loss-scale state as ``loss_scale`` says (``auto``: as the policy needs)."""
+        return make_loss_scale(self.loss_scale, self.precision_policy)
+
+    def check(self) -> None:
+        """Raises ``UsageError`` naming the first field whose value no run could use: a size out of
+        range, a non-finite rate, a policy or loss scale that does not parse, a field set that the
+        chosen task does not read. Reads :attr:`precision_policy` (see there)."""
+        for name in _POSITIVE:
+            if getattr(self, name) < 1:
+                raise UsageError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise UsageError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise UsageError(f"`seed` must be in 0..{_MAX_SEED}, got {self.seed}")
+        if not 0 < self.lr < float("inf"):  # also refuses nan
+            raise UsageError(f"`lr` must be a finite number > 0, got {self.lr}")
+        for name in ("clip_norm", "weight_decay"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise UsageError(f"`{name}` must be a finite number >= 0, got {getattr(self, name)}")
+        if self.task == "lm" and self.sample_tokens and self.seq_len < 2:
+            raise UsageError(
+                f"`sample_tokens` generates with a context of `seq_len` tokens, which must then be >= 2 "
+                f"(got {self.seq_len}); or set `sample_tokens` 0"
+            )
+        if self.max_rows is not None and self.max_rows < 1:
+            raise UsageError(f"`max_rows` must be >= 1, got {self.max_rows}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise UsageError(f"`epochs` must be a finite number > 0, got {self.epochs}")
+        self._check_task_fields()
+        try:
+            parse_loss_scale(self.loss_scale)
+        except ValueError as error:
+            raise UsageError(f"`loss_scale`: {error}") from None
+        self.precision_policy  # noqa: B018 -- raises UsageError for a policy that does not parse
+
+    def _check_task_fields(self) -> None:
+        """Refuses a field, set away from its default, that ``task`` does not read."""
+        defaults = TrainConfig.__dataclass_fields__
+        for task, names in _TASK_ONLY_FIELDS.items():
+            for name in names:
+                if self.task != task and getattr(self, name) != defaults[name].default:
+                    raise UsageError(
+                        f"`{name}` applies to `task` {task} only, and this run's task is {self.task}; "
+                        f"leave `{name}` unset"
+                    )
+
+
+FIELD_CHOICES = {
     "task": ("lm", "classify"),
     "param_update": ("nearest", "stochastic", "kahan"),
     "moment_dtype": ("float32", "bfloat16"),
 }
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)  # field name -> type hint, in field order
-_IGNORED_FILE_KEYS = ("identity", "resume", "overwrite")  # a run's record; flags acting on --out
+_IGNORED_FILE_KEYS = ("identity", "resume", "overwrite")  # a run's record; flags acting on the run directory
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_CONFIG_HELP = (
-    "JSON or YAML file (.json, .yaml, .yml) mapping TrainConfig fields (the flags below, with "
-    "underscores: seq_len) to values; a run's own config.json works as is. Flags given override it; "
-    "--steps also drops its epochs (a file setting both trains for epochs). Its resume and overwrite are "
-    "ignored (give them as flags), and so is a run's identity record"
-)
 
 
-def _field_comments() -> dict[str, str]:
-    """The one-line comment after each field in the source above: the flag's help text."""
-    comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            comments[name] = rest.split("#", 1)[1].strip().replace("%", "%%")  # argparse formats help
-    return comments
+def field_kind(name: str) -> type:
+    """The type of field ``name``, without its ``| None``: ``int`` for ``max_rows``."""
+    return _without_none(_FIELD_TYPES[name])
 
 
 def _without_none(hint: object) -> object:
     """``int`` for ``int | None``; any other type hint unchanged."""
     kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
     return kinds[0] if len(kinds) == 1 else hint
-
-
-def build_parser(
-    prog: str = "python -m jaxmp.train", description: str | None = None
-) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config FILE`` and one flag per ``TrainConfig`` field, grouped.
-
-    The field flags default to ``argparse.SUPPRESS`` (their help shows ``TrainConfig``'s default), so the
-    parsed namespace holds exactly the flags given: :func:`config_from_args` lays them over the file's.
-    """
-    parser = UsageParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--config", metavar="FILE", default=None, help=_CONFIG_HELP)
-    comments = _field_comments()
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for title, names in FLAG_GROUPS.items():
-        group = parser.add_argument_group(title)
-        if any(name in _EXCLUSIVE for name in names):
-            exclusive = group.add_mutually_exclusive_group()  # _EXCLUSIVE's flags share one group
-        for name in names:
-            flag = "--" + name.replace("_", "-")
-            shown = str(fields[name].default).replace("%", "%%")  # argparse formats help
-            options = {"default": argparse.SUPPRESS, "help": f"{comments[name]} (default: {shown})"}
-            if _FIELD_TYPES[name] is bool:
-                group.add_argument(flag, action="store_true", **options)
-                continue
-            kind = {int: int, float: float}.get(_without_none(_FIELD_TYPES[name]), str)
-            (exclusive if name in _EXCLUSIVE else group).add_argument(
-                flag, type=kind, choices=_CHOICES.get(name), **options
-            )
-    return parser
-
-
-def config_from_args(args: argparse.Namespace, ignored_file_keys: Collection[str] = ()) -> TrainConfig:
-    """The config of a command line parsed by :func:`build_parser`: the flags given, over the
-    ``--config`` file's values (if any; less ``ignored_file_keys``), over ``TrainConfig``'s defaults."""
-    given = {name: value for name, value in vars(args).items() if name in _FIELD_TYPES}
-    from_file = read_config_file(args.config) if args.config else {}
-    return merge_config({k: v for k, v in from_file.items() if k not in ignored_file_keys}, given)
 
 
 def merge_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> TrainConfig:
@@ -222,7 +203,12 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         an unknown key (with the nearest field name), a value of the wrong type or not one of the choices.
     """
     source = f"config file {path}"
-    record = _read_mapping(Path(path), source)
+    return config_values(_read_mapping(Path(path), source), source)
+
+
+def config_values(record: Mapping[Any, Any], source: str) -> dict[str, Any]:
+    """The checked ``TrainConfig`` values of ``record`` (a config file's or a run's ``config.json``);
+    see :func:`read_config_file`. Errors name ``source``."""
     unknown = [str(key) for key in record if key not in _FIELD_TYPES and key not in _IGNORED_FILE_KEYS]
     if unknown:
         raise UsageError(f"{source}: " + "; ".join(_unknown_key_message(key) for key in unknown))
@@ -277,7 +263,11 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 def _unknown_key_message(key: str) -> str:
     nearest = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1)
-    hint = f"did you mean {nearest[0]!r}?" if nearest else "keys are TrainConfig field names, see --help"
+    hint = (
+        f"did you mean {nearest[0]!r}?"
+        if nearest
+        else "keys are TrainConfig field names (the flags, with underscores)"
+    )
     return f"unknown key {key!r} ({hint})"
 
 
@@ -291,8 +281,10 @@ def _checked_value(name: str, value: Any, source: str) -> Any:
     if isinstance(value, bool) == (kind is bool) and isinstance(
         value, (int, float) if kind is float else kind
     ):
-        if name in _CHOICES and value not in _CHOICES[name]:
-            raise UsageError(f"{source}: {name} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+        if name in FIELD_CHOICES and value not in FIELD_CHOICES[name]:
+            raise UsageError(
+                f"{source}: {name} must be one of {', '.join(FIELD_CHOICES[name])}, got {value!r}"
+            )
         return float(value) if kind is float else value
     expected = _TYPE_NAMES.get(kind, str(kind)) + (" or null" if optional else "")
     advice = ""
@@ -311,7 +303,7 @@ def _is_yaml_1_1_text_number(text: str) -> bool:
 
 
 def default_run_dir(config: TrainConfig, now: str) -> Path:
-    """``runs/<model>-<policy>-<now>``: the model (preset or ``--init`` directory name) and policy as given."""
+    """``runs/<model>-<policy>-<now>``: the model (preset or ``init`` directory name) and policy as given."""
     model = Path(config.init).name if config.init else config.model
     return Path("runs") / f"{model}-{path_slug(config.policy)}-{now}"
 

@@ -21,9 +21,9 @@ from typing import Any, TextIO
 import numpy as np
 import tqdm
 
-from jaxmp.config import TrainConfig
 from jaxmp.errors import UsageError, first_line
-from jaxmp.run_dir import RunDir
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.run_dir import RunDir
 
 __all__ = [
     "TAGS",
@@ -287,11 +287,11 @@ class _TensorBoard(Sink):
 
 
 def check_wandb() -> None:
-    """Refuses ``--wandb`` when the ``wandb`` package is not installed (before any work)."""
+    """Refuses ``wandb`` when the ``wandb`` package is not installed (before any work)."""
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+        raise UsageError("`wandb` needs the wandb package: pip install wandb") from None
 
 
 class _Wandb(Sink):
@@ -307,7 +307,7 @@ class _Wandb(Sink):
             self._run = wandb.init(project=project, name=name, config=config)
         except Exception as error:  # not logged in, no network: any failure to start is the user's to fix
             reason = first_line(error, limit=1000)
-            raise UsageError(f"--wandb {project}: could not start a Weights & Biases run: {reason}") from None
+            raise UsageError(f"`wandb` {project}: could not start a Weights & Biases run: {reason}") from None
 
     def write(self, record: dict[str, Any]) -> None:
         self._run.log({tag: record[key] for key, tag in TAGS.items() if key in record}, step=record["step"])

@@ -23,16 +23,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmp import distributed, lowp, optim, precision, scaling, sharding
+from jaxmp import distributed, lowp, optim, sharding
 from jaxmp.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError
-from jaxmp.config import TrainConfig, default_run_dir
 from jaxmp.errors import UsageError, first_line
-from jaxmp.metrics_log import MetricsLog, check_wandb, open_metrics_log, progress_style
-from jaxmp.run_dir import RunDir
-from jaxmp.tasks import Task, build_task, resolve_epochs
 from jaxmp.train_step import TrainState, leaf_paths
+from jaxmp.training.config import TrainConfig, default_run_dir
+from jaxmp.training.metrics_log import MetricsLog, check_wandb, open_metrics_log, progress_style
+from jaxmp.training.run_dir import RunDir
+from jaxmp.training.tasks import Task, build_task, export_tokenizer, resolve_epochs
 
-__all__ = ["run", "RunResult", "TrainingStopped", "Interrupted", "check_config"]
+__all__ = ["run", "RunResult", "TrainingStopped", "Interrupted", "RESUMABLE_CHANGES"]
 
 
 class TrainingStopped(RuntimeError):
@@ -69,7 +69,6 @@ RESUMABLE_CHANGES = frozenset(
         "wandb",
     }
 )
-_MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 
 @dataclasses.dataclass
@@ -82,49 +81,6 @@ class RunResult:
     run_dir: RunDir
     interrupted_by: int | None = None  # the signal number that stopped the run early
     train_step: Callable | None = None  # the jitted step (its ``.lower(...).compile()`` is cached)
-
-
-def check_config(config: TrainConfig) -> precision.Policy:
-    """Validates the numbers and strings of ``config``; returns its parsed policy."""
-    for name in ("steps", "batch_size", "accum_steps", "seq_len", "log_every", "keep_checkpoints"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in (
-        "warmup_steps",
-        "eval_every",
-        "save_every",
-        "max_consecutive_skips",
-        "pad_multiple",
-        "sample_tokens",
-    ):
-        if getattr(config, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if config.eval_batches < 1:
-        raise UsageError(
-            f"--eval-batches must be >= 1 (batches per validation pass), got {config.eval_batches}"
-        )
-    if not 0 <= config.seed <= _MAX_SEED:
-        raise UsageError(f"--seed must be in 0..{_MAX_SEED}, got {config.seed}")
-    if not 0 < config.lr < float("inf"):  # also refuses nan
-        raise UsageError(f"--lr must be a finite number > 0, got {config.lr}")
-    for name in ("clip_norm", "weight_decay"):
-        if not 0 <= getattr(config, name) < float("inf"):
-            raise UsageError(
-                f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(config, name)}"
-            )
-    if config.task == "lm" and config.sample_tokens and config.seq_len < 2:
-        raise UsageError(
-            f"--sample-tokens generates with a context of --seq-len tokens, which must then be >= 2 "
-            f"(got {config.seq_len}); or pass --sample-tokens 0"
-        )
-    try:
-        policy = precision.get_policy(config.policy)
-        scaling.make_loss_scale(config.loss_scale, policy)
-    except ValueError as error:
-        raise UsageError(f"--policy/--loss-scale: {error}") from None
-    if config.wandb:
-        check_wandb()
-    return policy
 
 
 class _Signals:
@@ -179,11 +135,11 @@ def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
     try:
         mesh = sharding.make_mesh(config.mesh)
     except ValueError as error:
-        raise UsageError(f"--mesh: {error}") from None
+        raise UsageError(f"`mesh`: {error}") from None
     try:
         sharding.check_batch_size(config.batch_size, mesh)
     except ValueError as error:
-        raise UsageError(f"--batch-size: {error}") from None
+        raise UsageError(f"`batch_size`: {error}") from None
     return mesh
 
 
@@ -200,7 +156,7 @@ def _fed_by_processes(task: Task, mesh: jax.sharding.Mesh, batch_size: int) -> T
 
 
 def _make_state(
-    config: TrainConfig, policy: precision.Policy, task: Task, mesh: jax.sharding.Mesh, log: Callable
+    config: TrainConfig, task: Task, mesh: jax.sharding.Mesh, log: Callable
 ) -> tuple[TrainState, Callable]:
     optimizer = optim.make_optimizer(
         learning_rate=config.lr,
@@ -216,7 +172,7 @@ def _make_state(
     state = TrainState.create(
         params=task.params,
         optimizer=optimizer,
-        loss_scale=scaling.make_loss_scale(config.loss_scale, policy),
+        loss_scale=config.initial_loss_scale(),
         rng=jax.random.key(config.seed),
     )
     plan = sharding.plan_state_sharding(state, mesh)
@@ -226,7 +182,13 @@ def _make_state(
             f"(no dimension divisible by fsdp): {', '.join(plan.replicated)}"
         )
     step = sharding.make_sharded_train_step(
-        task.loss_fn, optimizer, policy, mesh, plan.shardings, cast_params=False, scan_micro_steps=True
+        task.loss_fn,
+        optimizer,
+        config.precision_policy,
+        mesh,
+        plan.shardings,
+        cast_params=False,
+        scan_micro_steps=True,
     )
     return sharding.shard_state(state, plan.shardings), step
 
@@ -258,11 +220,13 @@ def run(
     primary = distributed.is_primary()
     if not primary:
         log, show_progress = (lambda message: None), False
-    policy = check_config(config)
+    config.check()
+    if config.wandb:
+        check_wandb()
     config = resolve_epochs(config)
     mesh = _make_mesh(config)
     if config.out is None and jax.process_count() > 1:
-        raise UsageError("--out is required in a multi-host run: every process writes to the same directory")
+        raise UsageError("`out` is required in a multi-host run: every process writes to the same directory")
     if config.out is None:
         now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         config = dataclasses.replace(config, out=str(default_run_dir(config, now)))
@@ -276,9 +240,7 @@ def run(
         run_dir.lock()
         metrics_log = MetricsLog(run_dir)
         try:
-            task, state, train_step, checkpointer, window_losses = _prepare(
-                config, policy, mesh, run_dir, log
-            )
+            task, state, train_step, checkpointer, window_losses = _prepare(config, mesh, run_dir, log)
             metrics_log = open_metrics_log(
                 config,
                 run_dir,
@@ -295,26 +257,40 @@ def run(
             run_dir.abandon()
             raise
         try:
-            return _train(config, task, state, train_step, checkpointer, run_dir, metrics_log, signals, log)
+            result = _train(config, task, state, train_step, checkpointer, run_dir, metrics_log, signals, log)
         finally:
             metrics_log.close()
             run_dir.release()
+    if config.export_hf and result.interrupted_by is None:
+        _export(config, result, log)
+    return result
+
+
+def _export(config: TrainConfig, result: RunResult, log: Callable[[str], None]) -> None:
+    """Writes the trained model and its tokenizer to ``config.export_hf`` as a Hugging Face directory."""
+    from jaxmp import hf
+
+    params = distributed.to_host(result.state.params)  # multi-host: every process takes part
+    if distributed.is_primary():
+        tokenizer = export_tokenizer(config, result.task)
+        hf.save_pretrained(result.task.model, params, config.export_hf, tokenizer=tokenizer)
+        log(f"exported a Hugging Face model and its tokenizer to {config.export_hf}")
 
 
 def _check_export_dir(config: TrainConfig) -> None:
-    """Refuses an ``--export-hf`` target that the export after training could not write."""
+    """Refuses an ``export_hf`` target that the export after training could not write."""
     if not config.export_hf:
         return
     export = Path(config.export_hf)
     if export.exists() and not export.is_dir():
-        raise UsageError(f"--export-hf {export} is a file; give a directory")
+        raise UsageError(f"`export_hf` {export} is a file; give a directory")
     if export.is_dir() and any(export.iterdir()) and not config.overwrite:
         raise UsageError(
-            f"--export-hf {export} exists and is not empty; choose a new directory or --overwrite"
+            f"`export_hf` {export} exists and is not empty; choose a new directory or `overwrite`"
         )
     existing = next(parent for parent in (export, *export.absolute().parents) if parent.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--export-hf {export}: {existing} is not writable; choose another directory")
+        raise UsageError(f"`export_hf` {export}: {existing} is not writable; choose another directory")
 
 
 def _check_resumed_config(config: TrainConfig, saved: dict[str, Any]) -> None:
@@ -328,32 +304,32 @@ def _check_resumed_config(config: TrainConfig, saved: dict[str, Any]) -> None:
     ]
     if changed:
         raise UsageError(
-            f"--resume of {config.out} with a different {', '.join(changed)}; resume with the run's own "
+            f"`resume` of {config.out} with a different {', '.join(changed)}; resume with the run's own "
             f"settings (see its config.json)"
         )
 
 
-def _prepare(config: TrainConfig, policy: precision.Policy, mesh, run_dir: RunDir, log: Callable):
+def _prepare(config: TrainConfig, mesh, run_dir: RunDir, log: Callable):
     """Builds the task and state, restores a resumed run's newest checkpoint, and starts the directory."""
-    task = build_task(config, policy, run_dir.cache_dir)
+    task = build_task(config, run_dir.cache_dir)
     saved = run_dir.saved_identity()
     if saved is not None and saved != task.identity:
         changed = ", ".join(
             f"{k}: {saved.get(k)} -> {v}" for k, v in task.identity.items() if saved.get(k) != v
         )
         raise UsageError(
-            f"--resume of {run_dir.path} with a different {changed}; resume with the run's own settings"
+            f"`resume` of {run_dir.path} with a different {changed}; resume with the run's own settings"
         )
     distributed.barrier("jaxmp.run: inputs checked")  # before process 0 writes what others check
     task = _fed_by_processes(task, mesh, config.batch_size)
-    state, train_step = _make_state(config, policy, task, mesh, log)
+    state, train_step = _make_state(config, task, mesh, log)
     checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
     window_losses: list[float] = []
     if config.resume:
         latest = checkpointer.latest_step()
         total_micro = config.steps * config.accum_steps
         if latest == total_micro and run_dir.finished():
-            raise UsageError(f"--resume: run {run_dir.path} already finished its {config.steps} steps")
+            raise UsageError(f"`resume`: run {run_dir.path} already finished its {config.steps} steps")
         update = 0
         if latest is not None:
             state, metadata = _restore(checkpointer, state, latest)
@@ -403,7 +379,7 @@ def _train(
         try:
             checkpointer.save(micro, state, metadata)
         except NonFiniteStateError as error:
-            raise TrainingStopped(f"stopped: {error} (is --lr too large?); {_kept(checkpointer)}") from None
+            raise TrainingStopped(f"stopped: {error} (is `lr` too large?); {_kept(checkpointer)}") from None
         except (OSError, ValueError) as error:  # tensorstore reports a full disk as a ValueError
             raise TrainingStopped(
                 f"stopped: could not write checkpoint {checkpointer.step_dir(micro)}: {_write_failure(error)}; "
@@ -464,7 +440,7 @@ def _train(
             metrics_log.close()
             log(
                 f"interrupted by signal {signals.received}: checkpoint saved at micro-step {first + accum}; "
-                f"continue with --resume"
+                f"continue with `resume`"
             )
             timing = (started, start_micro, step_seconds)
             summary = _summary(config, task, state, metrics_log, *timing, interrupted=True)
@@ -489,7 +465,7 @@ def _kept(checkpointer: Checkpointer) -> str:
     latest = checkpointer.latest_step()
     if latest is None:
         return "no checkpoint was written"
-    return f"the newest checkpoint, {checkpointer.step_dir(latest)}, is kept; continue from it with --resume"
+    return f"the newest checkpoint, {checkpointer.step_dir(latest)}, is kept; continue from it with `resume`"
 
 
 def _write_failure(error: Exception) -> str:
@@ -505,7 +481,7 @@ def _summary(
     wall = time.perf_counter() - started
     micro_steps = int(state.step) - start_micro
     return {
-        "policy": str(precision.get_policy(config.policy)),
+        "policy": str(config.precision_policy),
         "model": task.identity["model"],
         "task": task.identity["task"],
         "steps": int(state.step) // config.accum_steps,

@@ -11,18 +11,18 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import tokenizers
 
+from jaxmp.data.cache import write_cache_file
 from jaxmp.errors import DataError
-from jaxmp.files import atomic_write
 
 if TYPE_CHECKING:
-    from jaxmp.data import Corpus
+    from jaxmp.data.corpus import Corpus
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "load_transformers_tokenizer"]
 
@@ -125,7 +125,7 @@ class HFTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Writes the tokenizer as a tokenizer.json file (atomically) that ``load_tokenizer`` reads back."""
-        _write_tokenizer_file(Path(path), lambda file: file.write(self.backend.to_str().encode()))
+        write_cache_file(Path(path), lambda file: file.write(self.backend.to_str().encode()))
 
     def to_transformers(self):
         """A ``transformers`` tokenizer whose ``tokenizer(text)["input_ids"]`` equals ``encode(text)``.
@@ -247,7 +247,7 @@ def _bpe_tokenizer(vocab_size: int, corpus: Corpus | None, cache_dir: str | Path
     path = Path(cache_dir).expanduser() / f"bpe{vocab_size}-{corpus.sha256[:16]}.json"
     if not path.is_file():
         trained = _train_bpe(vocab_size, corpus)
-        _write_tokenizer_file(path, lambda file: file.write(trained.to_str().encode()))
+        write_cache_file(path, lambda file: file.write(trained.to_str().encode()))
     return HFTokenizer.wrap(_tokenizer_from_file(path))
 
 
@@ -288,10 +288,3 @@ def _transformers_tokenizer(backend: tokenizers.Tokenizer, eos_token: str | None
     from transformers import PreTrainedTokenizerFast  # slow to import; only exports need it
 
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token)
-
-
-def _write_tokenizer_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    try:
-        atomic_write(path, write)
-    except OSError as error:
-        raise DataError(f"cannot write tokenizer file {path}: {error.strerror or error}") from None

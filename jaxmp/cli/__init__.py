@@ -1,10 +1,16 @@
-"""What every ``python -m jaxmp.*`` command does with bad input: one line on stderr, exit status 2.
+"""The command lines: ``python -m jaxmp.<verb>`` runs ``jaxmp.cli.<verb>.main``.
+
+This package is the only place that knows about flags; the library below it (``jaxmp.training``,
+``jaxmp.inference``, ``jaxmp.data`` and the numerics modules) never imports it. What every command
+does with bad input is defined here once: one line on stderr, exit status 2.
 
 Each verb's ``main(argv)`` is ``run_cli(PROG, body, argv)``: ``body`` parses its flags with a
 :class:`UsageParser`, checks every input, then works. :func:`run_cli` is the one place that turns
 the errors of bad input (``UsageError``, ``DataError``, a path that cannot be read or written, a
 full disk, text that is not UTF-8, JSON that does not parse, a damaged safetensors file) into
-``{prog}: error: {one line}``; any other exception is a bug and keeps its traceback. This module
+``{prog}: error: {one line}``; any other exception is a bug and keeps its traceback. Library
+messages name an argument in backticks (```seq_len` must be >= 1``); every such argument is a flag
+of the same name, and the message shows it as one (``--seq-len must be >= 1``). This module
 imports nothing heavy, so ``--help`` and flag errors stay fast.
 """
 
@@ -14,6 +20,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -21,7 +28,9 @@ from pathlib import Path
 
 from jaxmp.errors import DataError, UsageError
 
-__all__ = ["UsageParser", "run_cli", "bad_input_message", "check_output_file"]
+__all__ = ["UsageParser", "run_cli", "bad_input_message", "check_output_file", "as_flags", "print_to_stderr"]
+
+_ARGUMENT_NAME = re.compile(r"`([a-z][a-z0-9_]*)`")  # how a library message names an argument
 
 # An OSError with one of these numbers and a file name is about a path the user gave.
 _PATH_ERRNOS = frozenset(
@@ -43,7 +52,13 @@ _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 class UsageParser(argparse.ArgumentParser):
     """An argument parser whose errors raise ``UsageError``: :func:`run_cli` prints them in one line
-    and returns 2, as for every other bad input (argparse itself would print the usage too)."""
+    and returns 2, as for every other bad input (argparse itself would print the usage too).
+
+    Abbreviated flags are refused: argparse would take ``--policy`` for compare's ``--policies``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UsageError(message)
@@ -70,7 +85,7 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequen
 def bad_input_message(error: BaseException) -> str | None:
     """The one-line message for an error caused by bad input; None for any other error (a bug)."""
     if isinstance(error, (UsageError, DataError)):
-        return _one_line(str(error))
+        return as_flags(_one_line(str(error)))
     if isinstance(error, OSError):
         return _os_error_message(error)
     if isinstance(error, UnicodeDecodeError):
@@ -82,6 +97,16 @@ def bad_input_message(error: BaseException) -> str | None:
     if _is_safetensors_error(error):
         return f"unreadable safetensors file ({_one_line(str(error))}); give a complete model.safetensors"
     return None
+
+
+def as_flags(message: str) -> str:
+    """``message`` with each argument name in backticks shown as its flag: ```top_k``` -> ``--top-k``."""
+    return _ARGUMENT_NAME.sub(lambda match: "--" + match.group(1).replace("_", "-"), message)
+
+
+def print_to_stderr(message: str) -> None:
+    """Prints a library's message for a command-line user: on stderr, arguments shown as flags."""
+    print(as_flags(message), file=sys.stderr)
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> None:

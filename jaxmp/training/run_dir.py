@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from jaxmp.config import TrainConfig
 from jaxmp.errors import UsageError
 from jaxmp.files import write_text_atomically
+from jaxmp.training.config import TrainConfig, config_values
 
 __all__ = ["RunDir"]
 
@@ -40,32 +40,64 @@ class RunDir:
     OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "cache")
 
     def __init__(self, path: str | os.PathLike, *, resume: bool, overwrite: bool):
+        self._bind(path, resume=resume, overwrite=overwrite)
+        if resume and overwrite:
+            raise UsageError("`resume` and `overwrite` contradict each other; give one")
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"`out` {self.path} is a file; give a directory")
+        is_run = self.saved_config is not None
+        if not is_run and self._foreign_entries():
+            raise UsageError(
+                f"`out` {self.path} is not empty and holds no jaxmp run (no config.json written by jaxmp); "
+                f"choose a new or empty directory"
+            )
+        if resume and not is_run:
+            raise UsageError(
+                f"`resume`: {self.path} holds no run (no config.json); drop `resume` to start one"
+            )
+        if is_run and not (resume or overwrite):
+            raise UsageError(
+                f"run directory {self.path} already exists; pass `resume` to continue it or `overwrite`"
+            )
+        if resume:
+            self.records()  # a damaged metrics.jsonl is refused before any work
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunDir:
+        """An existing run's directory, to read: nothing is written or locked.
+
+        Raises:
+          UsageError: ``path`` holds no jaxmp run (no ``config.json`` that jaxmp wrote).
+        """
+        run_dir = cls.__new__(cls)
+        run_dir._bind(path, resume=False, overwrite=False)
+        if run_dir.saved_config is None:
+            raise UsageError(f"{run_dir.path} holds no jaxmp run (no config.json written by jaxmp)")
+        return run_dir
+
+    def _bind(self, path: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
         self.path = Path(path)
         self.resume = resume
         self.overwrite = overwrite
         self._lock_file: Any = None
         self._entries_before_lock: set[str] | None = None
-        if resume and overwrite:
-            raise UsageError("--resume and --overwrite contradict each other; give one")
-        if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"--out {self.path} is a file; give a directory")
         self.saved_config = self._read_saved_config()
-        is_run = self.saved_config is not None
-        if not is_run and self._foreign_entries():
-            raise UsageError(
-                f"--out {self.path} is not empty and holds no jaxmp run (no config.json written by jaxmp); "
-                f"choose a new or empty directory"
-            )
-        if resume and not is_run:
-            raise UsageError(
-                f"--resume: {self.path} holds no run (no config.json); drop --resume to start one"
-            )
-        if is_run and not (resume or overwrite):
-            raise UsageError(
-                f"run directory {self.path} already exists; pass --resume to continue it or --overwrite"
-            )
-        if resume:
-            self.records()  # a damaged metrics.jsonl is refused before any work
+
+    def read_config(self) -> TrainConfig:
+        """The run's settings, as its ``config.json`` recorded them.
+
+        Raises:
+          UsageError: no run here, or a ``config.json`` this jaxmp cannot read back.
+        """
+        if self.saved_config is None:
+            raise UsageError(f"{self.path} holds no jaxmp run (no config.json written by jaxmp)")
+        return TrainConfig(**config_values(self.saved_config, str(self.config_path)))
+
+    def identity(self) -> dict[str, Any]:
+        """What the run trained: its ``model``, ``tokenizer`` and ``task`` names (see ``jaxmp.training.tasks``)."""
+        if self.saved_config is None:
+            raise UsageError(f"{self.path} holds no jaxmp run (no config.json written by jaxmp)")
+        return self.saved_config["identity"]
 
     @property
     def config_path(self) -> Path:
@@ -128,7 +160,7 @@ class RunDir:
             lock_file.close()
             raise UsageError(
                 f"run directory {self.path} is in use by another process (pid {holder}); "
-                f"wait for it to finish or choose another --out"
+                f"wait for it to finish or choose another `out`"
             ) from None
         lock_file.seek(0)
         lock_file.truncate()

@@ -1,4 +1,4 @@
-"""Classification data for fine-tuning (``--task classify``): labelled text, tokenized to a fixed length.
+"""Classification data for fine-tuning (``task="classify"``): labelled text, tokenized to a fixed length.
 
 Files are TSV (unquoted, GLUE style, e.g. SST-2's ``label<TAB>sentence``), CSV or JSONL, with a ``text``
 or ``sentence`` column and an integer ``label`` column. Training batches are a pure function of
@@ -21,8 +21,8 @@ from typing import TextIO
 
 import numpy as np
 
+from jaxmp.data.tokenizer import load_transformers_tokenizer
 from jaxmp.errors import DataError
-from jaxmp.tokenizer import load_transformers_tokenizer
 
 TEXT_COLUMNS = ("text", "sentence")  # the first of these that a file has holds the text
 LABEL_COLUMN = "label"

@@ -9,7 +9,6 @@ with a one-line message.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,11 @@ from flax import traverse_util
 
 from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
+from jaxmp.data.tokenizer import Tokenizer, load_tokenizer
 from jaxmp.errors import DataError, UsageError
 from jaxmp.precision import Policy, get_policy
-from jaxmp.tokenizer import Tokenizer, load_tokenizer
+from jaxmp.training.config import TrainConfig
+from jaxmp.training.run_dir import RunDir
 
 __all__ = ["LoadedModel", "load_model", "with_policy", "check_float16_range"]
 
@@ -38,13 +39,13 @@ class LoadedModel:
       model: the GPT-2 or Llama module, carrying the serving policy.
       params: params in that policy's param dtypes.
       tokenizer: the tokenizer the model was trained with (or the one asked for).
-      run_config: a run directory's ``config.json`` (None for a Hugging Face directory).
+      run_config: a run directory's settings (None for a Hugging Face directory).
     """
 
     model: Any
     params: Any
     tokenizer: Tokenizer
-    run_config: dict[str, Any] | None = None
+    run_config: TrainConfig | None = None
 
 
 def check_float16_range(params: Any, policy: Policy) -> None:
@@ -60,7 +61,7 @@ def check_float16_range(params: Any, policy: Policy) -> None:
         if peak > _FLOAT16_MAX:
             raise UsageError(
                 f"weight {path} reaches {peak:.4g}, beyond float16's largest value {_FLOAT16_MAX:g}; "
-                f"policy {policy} would turn it into inf: use bfloat16 or float32 for it (e.g. --policy bf16)"
+                f"policy {policy} would turn it into inf: use bfloat16 or float32 for it (e.g. `policy` bf16)"
             )
 
 
@@ -68,36 +69,38 @@ def _tokenizer(spec: str) -> Tokenizer:
     try:
         return load_tokenizer(spec)
     except DataError as error:
-        raise UsageError(f"{error}; or pass --tokenizer byte|FILE|DIR") from None
+        raise UsageError(f"{error}; or pass `tokenizer` byte|FILE|DIR") from None
 
 
-def _run_tokenizer(directory: Path, config: dict[str, Any]) -> Tokenizer:
+def _run_tokenizer(run_dir: RunDir) -> Tokenizer:
     """The run's tokenizer: ``byte``, a file or directory, or its trained BPE in ``cache/``."""
-    spec, expected = config["tokenizer"], config["identity"]["tokenizer"]
+    spec, expected = run_dir.read_config().tokenizer, run_dir.identity()["tokenizer"]
+    directory = run_dir.path
     if not spec.startswith("bpe:"):
         return _tokenizer(spec)
-    for path in sorted((directory / "cache").glob(f"bpe{spec.removeprefix('bpe:')}-*.json")):
+    for path in sorted(run_dir.cache_dir.glob(f"bpe{spec.removeprefix('bpe:')}-*.json")):
         tokenizer = _tokenizer(str(path))
         if tokenizer.name == expected:
             return tokenizer
     raise UsageError(
-        f"run {directory} has no cached {spec} tokenizer named {expected} in cache/; pass --tokenizer"
+        f"run {directory} has no cached {spec} tokenizer named {expected} in cache/; pass `tokenizer`"
     )
 
 
-def _load_run(directory: Path) -> tuple[Any, Any, dict[str, Any], Tokenizer]:
-    """The run's model (float32 policy), newest params in float32, ``config.json`` and tokenizer."""
-    config = json.loads((directory / "config.json").read_text())
-    if config["task"] != "lm":
-        raise UsageError(f"run {directory} trained task {config['task']!r}; generation needs an lm run")
-    tokenizer = _run_tokenizer(directory, config)
-    layers = {"scan_layers": config.get("scan_layers", False)}  # the layout the run's params were saved in
-    if config["init"]:
-        model, _ = _load_hf(Path(config["init"]), **layers)
+def _load_run(directory: Path) -> tuple[Any, Any, TrainConfig, Tokenizer]:
+    """The run's model (float32 policy), newest params in float32, config and tokenizer."""
+    run_dir = RunDir.open(directory)
+    config = run_dir.read_config()
+    if config.task != "lm":
+        raise UsageError(f"run {directory} trained task {config.task!r}; generation needs an lm run")
+    tokenizer = _run_tokenizer(run_dir)
+    layers = {"scan_layers": config.scan_layers}  # the layout the run's params were saved in
+    if config.init:
+        model, _ = _load_hf(Path(config.init), **layers)
     else:
-        model = models.get_model(config["model"], "fp32", vocab_size=tokenizer.vocab_size, **layers)
+        model = models.get_model(config.model, "fp32", vocab_size=tokenizer.vocab_size, **layers)
     abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 1))
-    checkpointer = Checkpointer(directory / "checkpoints")
+    checkpointer = Checkpointer(run_dir.checkpoint_dir)
     if checkpointer.latest_step() is None:
         raise UsageError(f"run {directory} has no checkpoint yet in {directory / 'checkpoints'}")
     model, params = models.for_decoding(model, checkpointer.restore_params(abstract))
@@ -108,9 +111,9 @@ def _load_hf(directory: Path, **config_overrides: Any) -> tuple[Any, Any]:
     try:
         model, params = hf.from_pretrained(directory, "fp32", **config_overrides)
     except (ValueError, OSError) as error:
-        raise UsageError(f"--model {directory}: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"`model` {directory}: {str(error).splitlines()[0]}") from None
     if not models.is_causal_lm(model.config):
-        raise UsageError(f"--model {directory} is not a causal language model; give a GPT-2 or Llama LM")
+        raise UsageError(f"`model` {directory} is not a causal language model; give a GPT-2 or Llama LM")
     return model, params
 
 
@@ -131,7 +134,7 @@ def load_model(
     try:
         policy = get_policy(policy)
     except ValueError as error:
-        raise UsageError(f"--policy: {error}") from None
+        raise UsageError(f"`policy`: {error}") from None
     directory = Path(path)
     run_config = None
     if (directory / "config.json").is_file() and (directory / "checkpoints").is_dir():
@@ -142,7 +145,7 @@ def load_model(
         tokenizer_ = _tokenizer(tokenizer or str(directory))
     else:
         raise UsageError(
-            f"--model {path} is neither a jaxmp run directory (config.json + checkpoints/) nor a Hugging Face "
+            f"`model` {path} is neither a jaxmp run directory (config.json + checkpoints/) nor a Hugging Face "
             "directory (config.json + model.safetensors)"
         )
     if tokenizer_.vocab_size > model.config.vocab_size:
