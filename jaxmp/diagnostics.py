@@ -311,7 +311,7 @@ class _Runner:
         self.params32, self.params_p = hf.cast_params(params, "fp32"), hf.cast_params(params, policy)
         self.batches = batches
         self.policy = policy
-        self.uses_float16 = np.dtype(np.float16) in set(policy.compute_dtypes) | {policy.param_dtype}
+        self.uses_float16 = policy.uses_float16
 
     def gradient_stats(self, scale: float) -> RangeStats:
         """:class:`RangeStats` of all the policy's (scaled) gradients at ``scale``, over every batch."""

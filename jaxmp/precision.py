@@ -150,6 +150,15 @@ class Policy:
             found.update(dtype for field, dtype in assignments if field == "compute_dtype")
         return frozenset(found)
 
+    @property
+    def uses_float16(self) -> bool:
+        """Whether any module stores its params or computes in float16 (base or override): the policy
+        then needs loss scaling, and float16's range bounds what its weights and activations may reach."""
+        dtypes = {self.compute_dtype, self.param_dtype}
+        for _, assignments in self.overrides:
+            dtypes.update(dtype for field, dtype in assignments if field in ("compute_dtype", "param_dtype"))
+        return np.dtype(np.float16) in dtypes
+
     def cast_to_param(self, tree):
         """Casts floating-point leaves to ``param_dtype``; integer leaves are left alone."""
         return self.base.cast_to_param(tree)

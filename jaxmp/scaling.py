@@ -214,11 +214,8 @@ LossScale = NoOpLossScale | StaticLossScale | DynamicLossScale
 
 
 def default_loss_scale(policy: Policy) -> LossScale:
-    """Dynamic scaling when any compute (or param) dtype is float16, none otherwise."""
-    dtypes = set(policy.compute_dtypes) | {policy.param_dtype}
-    if np.dtype(np.float16) in dtypes:
-        return DynamicLossScale()
-    return NoOpLossScale()
+    """Dynamic scaling when the policy stores or computes anything in float16, none otherwise."""
+    return DynamicLossScale() if policy.uses_float16 else NoOpLossScale()
 
 
 def parse_loss_scale(spec: str) -> tuple[str, float | None]:

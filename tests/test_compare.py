@@ -8,10 +8,10 @@ from matplotlib import image
 
 from jaxmp import compare
 from jaxmp.cli.policy_list import parse_policy_list
-from jaxmp.training import compare as training_compare
-from jaxmp.training.compare import Variant
 from jaxmp.diagnose import main as diagnose_main
 from jaxmp.errors import UsageError
+from jaxmp.training import compare as training_compare
+from jaxmp.training.compare import Variant
 
 TINY = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]
 

@@ -198,3 +198,48 @@ def test_compare_takes_a_runs_config_but_not_its_policy_or_out(tmp_path, tiny, c
     recorded = json.loads((report / "fp32" / "config.json").read_text())
     assert recorded["policy"] == "fp32" and recorded["steps"] == 2 and recorded["seq_len"] == 16
     assert not run.exists()
+
+
+# ------------------------------------------------------------------------------------- TrainConfig.check
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"steps": 0}, "`steps` must be >= 1, got 0"),
+        ({"eval_batches": 0}, "`eval_batches` must be >= 1, got 0"),
+        ({"save_every": -1}, "`save_every` must be >= 0, got -1"),
+        ({"lr": float("nan")}, "`lr` must be a finite number > 0, got nan"),
+        ({"seed": -1}, "`seed` must be in 0..9223372036854775807, got -1"),
+        ({"seq_len": 1}, "`sample_tokens` generates with a context of `seq_len` tokens"),
+        ({"loss_scale": "static:0"}, "`loss_scale`: bad static loss scale 'static:0'"),
+        ({"policy": "params=float64"}, "`policy`: unknown dtype 'float64'"),
+        ({"eval_data": "dev.tsv"}, "`eval_data` applies to `task` classify only, and this run's task is lm"),
+        ({"epochs": 2.0}, "`epochs` applies to `task` classify only"),
+        ({"task": "classify", "tokenizer": "bpe:300"}, "`tokenizer` applies to `task` lm only"),
+        ({"task": "classify", "eval_batches": 3}, "`eval_batches` applies to `task` lm only"),
+        ({"task": "classify", "max_rows": 0}, "`max_rows` must be >= 1, got 0"),
+    ],
+)
+def test_check_names_the_field_in_backticks(fields, message):
+    with pytest.raises(UsageError) as error:
+        TrainConfig(**fields).check()
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_check_accepts_each_tasks_own_fields_and_parses_the_policy_once():
+    TrainConfig(tokenizer="bpe:300", eval_batches=3).check()
+    TrainConfig(task="classify", eval_data="dev.tsv", max_rows=10, epochs=1.5, pad_multiple=8).check()
+    config = TrainConfig(policy="params=float32,compute=float16")
+    assert config.precision_policy is config.precision_policy and config.precision_policy.uses_float16
+    assert type(config.initial_loss_scale()).__name__ == "DynamicLossScale"
+
+
+def test_the_cli_shows_backticked_arguments_as_flags():
+    from jaxmp.cli import as_flags
+
+    assert (
+        as_flags("`max_new_tokens` 9 plus a 3-token prompt; `seq_len`")
+        == "--max-new-tokens 9 plus a 3-token prompt; --seq-len"
+    )
+    assert as_flags("keep `Foo` and ``code``") == "keep `Foo` and ``code``"  # only argument names

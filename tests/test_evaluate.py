@@ -71,7 +71,9 @@ def test_cli_writes_table_and_json(hf_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("| policy | params MiB | tokens | NLL | perplexity | vs fp32 |")
     record = json.loads(out.read_text())
     assert record["seq_len"] == 32 and [r["ratio"] for r in record["results"]][0] == 1.0
-    assert main([*argv, "--policies", "params=bfloat16,compute=bfloat16", "fp32"]) == 0  # one grammar: compare's
+    assert (
+        main([*argv, "--policies", "params=bfloat16,compute=bfloat16", "fp32"]) == 0
+    )  # one grammar: compare's
     assert capsys.readouterr().out.count("\n") == 4
 
 

@@ -326,7 +326,7 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     config = TrainConfig(steps=4, wandb="my-project")
     run_dir = new_run_dir(tmp_path)
     message = (
-        r"^--wandb my-project: could not start a Weights & Biases run: api_key not configured \(no-tty\)$"
+        r"^`wandb` my-project: could not start a Weights & Biases run: api_key not configured \(no-tty\)$"
     )
     with pytest.raises(UsageError, match=message):
         open_metrics_log(config, run_dir, start_update=0)

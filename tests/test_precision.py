@@ -169,3 +169,25 @@ def test_bad_specs_name_the_token_and_what_is_valid(spec, named):
 
 def test_at_least_twenty_bad_specs():
     assert len(BAD_SPECS) >= 20
+
+
+@pytest.mark.parametrize(
+    "spec, uses",
+    [
+        ("fp32", False),
+        ("bf16", False),
+        ("pure-bf16", False),
+        ("fp16", True),
+        ("params=float16,compute=float32", True),
+        ("bf16;.*mlp.*:compute=float16", True),  # an override alone
+        ("bf16;.*mlp.*:params=float16", True),
+        (
+            "fp16;.*:compute=float32,params=float32",
+            True,
+        ),  # the base still computes in float16 where unmatched
+    ],
+)
+def test_uses_float16_sees_params_computes_and_overrides(spec, uses):
+    policy = jaxmp.get_policy(spec)
+    assert policy.uses_float16 is uses
+    assert isinstance(jaxmp.default_loss_scale(policy), jaxmp.DynamicLossScale) is uses

@@ -37,6 +37,7 @@ TINY_LM = [
     "--sample-tokens",
     "0",
 ]
+TINY_CLASSIFY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16"]  # classify evaluates every dev row
 
 
 def minilm_dir() -> Path:
@@ -109,7 +110,8 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
 def test_bad_input_gets_one_line_exit_2_and_nothing_written(tmp_path, capsys):
     for argv, named in bad_inputs(tmp_path):
         out = tmp_path / "out"
-        argv = [*TINY_LM, *argv] if "--out" in argv else [*TINY_LM, *argv, "--out", str(out)]
+        tiny = TINY_CLASSIFY if "classify" in argv else TINY_LM
+        argv = [*tiny, *argv] if "--out" in argv else [*tiny, *argv, "--out", str(out)]
         status = main(argv)
         err = capsys.readouterr().err.strip()
         assert status == 2, (argv, err)
@@ -142,7 +144,7 @@ def test_classification_labels_and_columns_are_checked(tmp_path, capsys):
             "--eval-data",
             str(data),
         ]
-        assert main([*argv, *TINY_LM, "--out", str(tmp_path / "out")]) == 2
+        assert main([*argv, *TINY_CLASSIFY, "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and named in err, err
 
@@ -269,8 +271,8 @@ def test_epochs_and_max_rows_refuse_bad_values(tmp_path, capsys):
         ([*classify, "--max-rows", "0"], "--max-rows must be >= 1, got 0"),
         ([*classify, "--max-rows", "-2"], "--max-rows must be >= 1, got -2"),
         ([*classify, "--steps", "400", "--epochs", "1"], "--epochs: not allowed with argument --steps"),
-        (["--epochs", "1"], "--epochs and --max-rows count rows of --task classify data"),
-        (["--max-rows", "10"], "--epochs and --max-rows count rows of --task classify data"),
+        (["--epochs", "1"], "--epochs applies to --task classify only, and this run's task is lm"),
+        (["--max-rows", "10"], "--max-rows applies to --task classify only, and this run's task is lm"),
     ):
         out = tmp_path / "out"
         try:

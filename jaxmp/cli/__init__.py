@@ -30,7 +30,7 @@ from jaxmp.errors import DataError, UsageError
 
 __all__ = ["UsageParser", "run_cli", "bad_input_message", "check_output_file", "as_flags", "print_to_stderr"]
 
-_ARGUMENT_NAME = re.compile(r"`([a-z][a-z0-9_]*)`")  # how a library message names an argument
+_ARGUMENT_NAME = re.compile(r"(?<!`)`([a-z][a-z0-9_]*)`(?!`)")  # how a library message names an argument
 
 # An OSError with one of these numbers and a file name is about a path the user gave.
 _PATH_ERRNOS = frozenset(

@@ -41,12 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 def _train(argv: list[str] | None) -> int:
     parser = build_parser(description=__doc__.splitlines()[0])
     config = config_from_args(parser.parse_args(argv))
-    from jaxmp import distributed
-    from jaxmp.training.loop import (  # heavy imports after --help and flag errors
-        Interrupted,
-        TrainingStopped,
-        run,
-    )
+    from jaxmp import distributed  # heavy imports after --help and flag errors
+    from jaxmp.training.loop import TrainingStopped, run
+    from jaxmp.training.signals import Interrupted
 
     try:
         result = run(config, log=print_to_stderr)

@@ -50,6 +50,8 @@ class LoadedModel:
 
 def check_float16_range(params: Any, policy: Policy) -> None:
     """Raises ``UsageError`` if a weight held or computed in float16 under ``policy`` exceeds float16's range."""
+    if not policy.uses_float16:
+        return
     for path, value in traverse_util.flatten_dict(params, sep="/").items():
         module_policy = policy.for_module(path.rsplit("/", 1)[0])
         if np.dtype(np.float16) not in {

@@ -8,12 +8,10 @@ fetched one micro-step late, so the host never waits on the step it has just dis
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import errno
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,16 +21,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmp import distributed, lowp, optim, sharding
+from jaxmp import distributed, lowp
 from jaxmp.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError
 from jaxmp.errors import UsageError, first_line
 from jaxmp.train_step import TrainState, leaf_paths
 from jaxmp.training.config import TrainConfig, default_run_dir
 from jaxmp.training.metrics_log import MetricsLog, check_wandb, open_metrics_log, progress_style
-from jaxmp.training.run_dir import RunDir
+from jaxmp.training.run_dir import FollowerRunDir, RunDir
+from jaxmp.training.signals import Interrupted, Signals
+from jaxmp.training.state import feed_by_processes, make_mesh, make_state
 from jaxmp.training.tasks import Task, build_task, export_tokenizer, resolve_epochs
 
-__all__ = ["run", "RunResult", "TrainingStopped", "Interrupted", "RESUMABLE_CHANGES"]
+__all__ = ["run", "RunResult", "TrainingStopped", "RESUMABLE_CHANGES"]
 
 
 class TrainingStopped(RuntimeError):
@@ -40,14 +40,6 @@ class TrainingStopped(RuntimeError):
 
     The checkpoints already written are kept, and every one of them holds a finite state.
     """
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived before training started; the run directory is as it was."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by signal {signum} before training started; nothing was written")
-        self.signum = signum
 
 
 # Settings a resumed run may change: where and how it runs, not what it computes or logs.
@@ -83,116 +75,6 @@ class RunResult:
     train_step: Callable | None = None  # the jitted step (its ``.lower(...).compile()`` is cached)
 
 
-class _Signals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between micro-steps."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-class _FollowerRunDir(RunDir):
-    """The run directory as processes other than 0 see it: checked and read, never written or locked."""
-
-    def lock(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-    def abandon(self) -> None:
-        pass
-
-    def start(self, config: TrainConfig, identity: dict[str, Any]) -> None:
-        del config, identity
-
-    def trim_metrics(self, last_step: int) -> None:
-        del last_step
-
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        del record
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        del summary
-
-
-def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
-    """The mesh over every device of every process; the batch must split over its data x fsdp axes."""
-    try:
-        mesh = sharding.make_mesh(config.mesh)
-    except ValueError as error:
-        raise UsageError(f"`mesh`: {error}") from None
-    try:
-        sharding.check_batch_size(config.batch_size, mesh)
-    except ValueError as error:
-        raise UsageError(f"`batch_size`: {error}") from None
-    return mesh
-
-
-def _fed_by_processes(task: Task, mesh: jax.sharding.Mesh, batch_size: int) -> Task:
-    """``task`` whose windows are global arrays, each process feeding its own devices' rows."""
-    rows = sharding.process_rows(mesh, batch_size)
-    host_window = task.window
-
-    def window(first: int, count: int) -> Any:
-        local = jax.tree.map(lambda x: x[:, rows], host_window(first, count))
-        return sharding.shard_batch(local, mesh, stacked=True)
-
-    return dataclasses.replace(task, window=window)
-
-
-def _make_state(
-    config: TrainConfig, task: Task, mesh: jax.sharding.Mesh, log: Callable
-) -> tuple[TrainState, Callable]:
-    optimizer = optim.make_optimizer(
-        learning_rate=config.lr,
-        accum_steps=config.accum_steps,
-        clip_norm=config.clip_norm,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.steps,
-        param_update=config.param_update,
-        moment_dtype=config.moment_dtype,
-        seed=config.seed,
-    )
-    state = TrainState.create(
-        params=task.params,
-        optimizer=optimizer,
-        loss_scale=config.initial_loss_scale(),
-        rng=jax.random.key(config.seed),
-    )
-    plan = sharding.plan_state_sharding(state, mesh)
-    if plan.replicated:
-        log(
-            f"mesh {sharding.describe_mesh(mesh)}: {len(plan.replicated)} arrays stay whole on every device "
-            f"(no dimension divisible by fsdp): {', '.join(plan.replicated)}"
-        )
-    step = sharding.make_sharded_train_step(
-        task.loss_fn,
-        optimizer,
-        config.precision_policy,
-        mesh,
-        plan.shardings,
-        cast_params=False,
-        scan_micro_steps=True,
-    )
-    return sharding.shard_state(state, plan.shardings), step
-
-
 def run(
     config: TrainConfig, *, show_progress: bool = True, log: Callable[[str], None] | None = None
 ) -> RunResult:
@@ -224,19 +106,19 @@ def run(
     if config.wandb:
         check_wandb()
     config = resolve_epochs(config)
-    mesh = _make_mesh(config)
+    mesh = make_mesh(config)
     if config.out is None and jax.process_count() > 1:
         raise UsageError("`out` is required in a multi-host run: every process writes to the same directory")
     if config.out is None:
         now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         config = dataclasses.replace(config, out=str(default_run_dir(config, now)))
-    run_dir = (RunDir if primary else _FollowerRunDir)(
+    run_dir = (RunDir if primary else FollowerRunDir)(
         config.out, resume=config.resume, overwrite=config.overwrite
     )
     _check_export_dir(config)
     if config.resume:
         _check_resumed_config(config, run_dir.saved_config)
-    with _Signals() as signals:  # from here on SIGINT/SIGTERM stop the run between steps, cleanly
+    with Signals() as signals:  # from here on SIGINT/SIGTERM stop the run between steps, cleanly
         run_dir.lock()
         metrics_log = MetricsLog(run_dir)
         try:
@@ -321,8 +203,8 @@ def _prepare(config: TrainConfig, mesh, run_dir: RunDir, log: Callable):
             f"`resume` of {run_dir.path} with a different {changed}; resume with the run's own settings"
         )
     distributed.barrier("jaxmp.run: inputs checked")  # before process 0 writes what others check
-    task = _fed_by_processes(task, mesh, config.batch_size)
-    state, train_step = _make_state(config, task, mesh, log)
+    task = feed_by_processes(task, mesh, config.batch_size)
+    state, train_step = make_state(config, task, mesh, log)
     checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
     window_losses: list[float] = []
     if config.resume:

@@ -23,7 +23,7 @@ from jaxmp.errors import UsageError
 from jaxmp.files import write_text_atomically
 from jaxmp.training.config import TrainConfig, config_values
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "FollowerRunDir"]
 
 _LOCK = ".lock"
 
@@ -254,3 +254,28 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomically(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+class FollowerRunDir(RunDir):
+    """The run directory as processes other than 0 see it: checked and read, never written or locked."""
+
+    def lock(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+    def start(self, config: TrainConfig, identity: dict[str, Any]) -> None:
+        del config, identity
+
+    def trim_metrics(self, last_step: int) -> None:
+        del last_step
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        del record
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        del summary
