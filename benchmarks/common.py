@@ -162,7 +162,7 @@ class LMStep:
 
 
 def lm_loss_fn(model) -> Callable:
-    """``loss_fn(params, batch, rng)`` of a causal LM, as ``jaxmp.tasks`` builds it (no dropout)."""
+    """``loss_fn(params, batch, rng)`` of a causal LM, as ``jaxmp.training.tasks`` builds it (no dropout)."""
 
     def loss_fn(params, batch, rng):
         del rng

@@ -2,7 +2,7 @@
 
 ``run(config)`` checks every input before writing anything, then trains, logging one
 record per ``log_every`` updates (``metrics.jsonl``, TensorBoard, W&B, progress; see
-``jaxmp.metrics_log``), evaluating, checkpointing, and writing ``summary.json``. Metrics are
+``jaxmp.training.metrics_log``), evaluating, checkpointing, and writing ``summary.json``. Metrics are
 fetched one micro-step late, so the host never waits on the step it has just dispatched.
 """
 
@@ -202,7 +202,7 @@ def _prepare(config: TrainConfig, mesh, run_dir: RunDir, log: Callable):
         raise UsageError(
             f"`resume` of {run_dir.path} with a different {changed}; resume with the run's own settings"
         )
-    distributed.barrier("jaxmp.run: inputs checked")  # before process 0 writes what others check
+    distributed.barrier("jaxmp.training.loop: inputs checked")  # before process 0 writes what others check
     task = feed_by_processes(task, mesh, config.batch_size)
     state, train_step = make_state(config, task, mesh, log)
     checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)

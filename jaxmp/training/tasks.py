@@ -1,7 +1,7 @@
 """What a run trains: model, initial params, data, loss and evaluation for each ``task``.
 
 ``build_task(config, cache_dir)`` returns a :class:`Task`; the training loop in
-``jaxmp.run`` knows nothing about language modelling or classification.
+``jaxmp.training.loop`` knows nothing about language modelling or classification.
 """
 
 from __future__ import annotations
