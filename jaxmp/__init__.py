@@ -3,6 +3,13 @@
 import importlib
 
 from jaxmp import lowp, models, sharding
+from jaxmp.module_policy import (
+    cast_params_per_module,
+    check_overrides,
+    describe_policy,
+    linen_policy,
+    nnx_with_policy,
+)
 from jaxmp.optim import make_optimizer, make_schedule
 from jaxmp.precision import Policy, auto_policy, get_policy
 from jaxmp.scaling import (
@@ -52,4 +59,9 @@ __all__ = [
     "TrainState",
     "make_train_step",
     "make_eval_step",
+    "linen_policy",
+    "nnx_with_policy",
+    "cast_params_per_module",
+    "describe_policy",
+    "check_overrides",
 ]

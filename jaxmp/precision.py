@@ -18,7 +18,7 @@ Differences from ``jmp.get_policy``:
   against a module path such as ``blocks_0/attn/softmax``; the first matching
   override wins, and keys it leaves out keep the base policy's value.
 * fp32 islands: when no user override matches, paths that name a normalisation
-  (``norm`` anywhere), an attention softmax (last part ``softmax``) or the final
+  (``norm`` anywhere, in any case: ``LayerNorm_0``), an attention softmax (last part ``softmax``) or the final
   logits (last part ``logits``) compute in float32. A user override for such a path
   replaces the island, e.g. ``bf16;.*softmax:compute=bf16``.
 """
@@ -63,7 +63,7 @@ _CANONICAL_KEY = {"param_dtype": "params", "compute_dtype": "compute", "output_d
 _FIELDS = ("param_dtype", "compute_dtype", "output_dtype")
 
 # Module paths that compute in float32 unless a user override matches them first.
-FP32_ISLANDS = re.compile(r".*norm.*|(.*/)?softmax|(.*/)?logits")
+FP32_ISLANDS = re.compile(r"(?i:.*norm.*)|(.*/)?softmax|(.*/)?logits")  # Flax names norms LayerNorm_0
 
 _PRESETS: Mapping[str, str] = {
     "fp32": "params=float32,compute=float32,output=float32",
@@ -133,14 +133,28 @@ class Policy:
 
     def for_module(self, path: str) -> jmp.Policy:
         """The ``jmp.Policy`` for the module at ``path`` (e.g. ``"blocks_0/attn/softmax"``)."""
+        return self.resolve(path)[0]
+
+    def resolve(self, path: str) -> tuple[jmp.Policy, str]:
+        """The ``jmp.Policy`` for the module at ``path`` and the rule that decided it: ``"override N"``
+        (the N-th override as written, from 1; the first that matches wins), ``"island"`` (an fp32
+        island: compute in float32) or ``"base"``."""
         fields = {name: getattr(self, name) for name in _FIELDS}
-        for pattern, assignments in self.overrides:
+        for number, (pattern, assignments) in enumerate(self.overrides, start=1):
             if re.fullmatch(pattern, path):
                 fields.update(assignments)
-                return _jmp_policy(**fields)
+                return _jmp_policy(**fields), f"override {number}"
         if FP32_ISLANDS.fullmatch(path):
             fields["compute_dtype"] = np.dtype(np.float32)
-        return _jmp_policy(**fields)
+            return _jmp_policy(**fields), "island"
+        return _jmp_policy(**fields), "base"
+
+    def sets_output(self, path: str) -> bool:
+        """Whether the override that decides ``path`` (if any) names its ``output`` dtype."""
+        for pattern, assignments in self.overrides:
+            if re.fullmatch(pattern, path):
+                return any(field == "output_dtype" for field, _ in assignments)
+        return False
 
     @property
     def compute_dtypes(self) -> frozenset[np.dtype]:

@@ -37,7 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmp.precision import Policy
-from jaxmp.train_step import LossFn, TrainState, leaf_paths, make_train_step
+from jaxmp.train_step import CastParams, LossFn, TrainState, leaf_paths, make_train_step
 
 __all__ = [
     "MESH_AXES",
@@ -230,7 +230,7 @@ def make_sharded_train_step(
     mesh: Mesh,
     state_shardings: Any,
     *,
-    cast_params: bool = True,
+    cast_params: CastParams = True,
     cast_batch: bool = True,
     donate: bool = True,
     scan_micro_steps: bool = False,

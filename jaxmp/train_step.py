@@ -1,21 +1,22 @@
 """``TrainState`` and the jitted mixed-precision train and eval steps.
 
-The precision policy is applied at exactly two places: the cast of master params to
-the compute dtype before the forward pass (skipped with ``cast_params=False`` for
-models that cast per module, as jaxmp's own models do), and the loss, which is
-always fp32.
+The precision policy is applied at exactly two places: the forward pass, which sees
+the master params as ``cast_params`` says (one global cast; per module, for any Flax
+model; or none, for models that cast per module themselves, as jaxmp's own do), and
+the loss, which is always fp32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmp.module_policy import cast_params_per_module, linen_policy
 from jaxmp.optim import current_learning_rate
 from jaxmp.precision import Policy, get_policy
 from jaxmp.scaling import LossScale, NoOpLossScale
@@ -23,6 +24,23 @@ from jaxmp.scaling import LossScale, NoOpLossScale
 __all__ = ["TrainState", "make_train_step", "make_eval_step", "leaf_paths"]
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+CastParams = bool | Literal["per_module"]
+
+
+def _forward(loss_fn: LossFn, policy: Policy, cast_params: CastParams) -> LossFn:
+    """``loss_fn`` seeing the master params as ``cast_params`` says (see ``make_train_step``)."""
+    if cast_params == "per_module":
+
+        def per_module(params, batch, rng):
+            with linen_policy(policy):
+                return loss_fn(cast_params_per_module(params, policy), batch, rng)
+
+        return per_module
+    if cast_params is True:
+        return lambda params, batch, rng: loss_fn(policy.cast_to_compute(params), batch, rng)
+    if cast_params is False:
+        return loss_fn
+    raise ValueError(f"`cast_params` must be True, False or 'per_module', got {cast_params!r}")
 
 
 @flax.struct.dataclass
@@ -102,7 +120,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     policy: Policy | str,
     *,
-    cast_params: bool = True,
+    cast_params: CastParams = True,
     cast_batch: bool = True,
     jit: bool = True,
     donate: bool = True,
@@ -121,9 +139,15 @@ def make_train_step(
       loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``; ``loss`` a scalar.
       optimizer: e.g. ``make_optimizer(...)``.
       policy: a ``Policy`` or policy string.
-      cast_params: cast every floating param to the policy's compute dtype before
-        ``loss_fn``. Pass False for models that cast per module (jaxmp's models), so
-        a module overridden to fp32 really sees fp32 weights.
+      cast_params: how ``loss_fn`` sees the master params. ``True``: every floating
+        param cast to the policy's base compute dtype (a plain function).
+        ``"per_module"``: any Flax model gets the policy per module, overrides and fp32
+        islands included: each param is cast to the compute dtype of the module that owns
+        it (by its path in ``params``), and every Linen module called inside ``loss_fn``
+        casts its inputs and outputs at its path (:mod:`jaxmp.module_policy`); an NNX
+        model is passed through ``jaxmp.nnx_with_policy`` first. ``False``: the model
+        casts per module itself (jaxmp's models), so a module overridden to fp32 really
+        sees fp32 weights. In every mode gradients are w.r.t. the master params.
       cast_batch: cast the batch's floating-point leaves to the compute dtype; integer
         leaves (token ids, labels) are never cast.
       jit: wrap in ``jax.jit``.
@@ -144,6 +168,7 @@ def make_train_step(
       gradient leaf, -1 if none; see ``leaf_paths``); and ``aux``.
     """
     policy = get_policy(policy)
+    forward = _forward(loss_fn, policy, cast_params)
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         step_rng = jax.random.fold_in(state.rng, state.step)
@@ -151,8 +176,7 @@ def make_train_step(
         compute_batch = policy.cast_to_compute(batch) if cast_batch else batch
 
         def scaled_loss(params):
-            compute_params = policy.cast_to_compute(params) if cast_params else params
-            loss, aux = loss_fn(compute_params, compute_batch, step_rng)
+            loss, aux = forward(params, compute_batch, step_rng)
             loss = loss.astype(jnp.float32)  # fp32 island: the loss
             return state.loss_scale.scale(loss), (loss, aux)
 
@@ -203,7 +227,7 @@ def make_eval_step(
     loss_fn: LossFn,
     policy: Policy | str,
     *,
-    cast_params: bool = True,
+    cast_params: CastParams = True,
     cast_batch: bool = True,
     jit: bool = True,
 ) -> Callable[[Any, Any], tuple[jax.Array, Any]]:
@@ -213,11 +237,11 @@ def make_eval_step(
     ``loss_fn`` is a fixed key; models should run deterministically.
     """
     policy = get_policy(policy)
+    forward = _forward(loss_fn, policy, cast_params)
 
     def eval_step(params: Any, batch: Any) -> tuple[jax.Array, Any]:
-        compute_params = policy.cast_to_compute(params) if cast_params else params
         compute_batch = policy.cast_to_compute(batch) if cast_batch else batch
-        loss, aux = loss_fn(compute_params, compute_batch, jax.random.key(0))
+        loss, aux = forward(params, compute_batch, jax.random.key(0))
         return loss.astype(jnp.float32), aux
 
     return jax.jit(eval_step) if jit else eval_step

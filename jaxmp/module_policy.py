@@ -1,0 +1,272 @@
+"""One policy string for any Flax model: per-module dtypes for Linen and NNX models jaxmp did not write.
+
+jaxmp's own layers read the policy at their scope path. A model built from Flax's layers
+(``nn.Dense``, ``nn.LayerNorm``, ``nn.MultiHeadDotProductAttention``, ``nnx.Linear``, ...) gets the
+same rules from outside, without a change to its code:
+
+* **params**: each floating param is cast to the compute dtype of the module that owns it, found
+  by its path in the params tree (:func:`cast_params_per_module`); gradients still arrive w.r.t.
+  the master params, in their dtype.
+* **Linen** (:func:`linen_policy`): every module call is intercepted (``nn.intercept_methods``);
+  its floating inputs are cast to the module's compute dtype and its floating outputs to the same
+  (to the module's output dtype when an override names ``output``; the model's own outputs to
+  the policy's output dtype, float32 by default). Flax's layers then compute in that dtype: with
+  their ``dtype=None`` default they compute in the dtype of their inputs and params. Works under
+  ``nn.scan``, ``nn.remat``, ``nn.vmap`` and for a module called more than once.
+* **NNX** (:func:`nnx_with_policy`): a copy of the model whose layers' ``dtype`` attribute is set
+  per path, which is what NNX layers compute in (they promote inputs and params to it).
+
+A layer given an explicit ``dtype`` in the model's code keeps it for what it computes. Paths are
+``/``-joined module names, as :meth:`jaxmp.Policy.for_module` expects: ``blocks_0/attn/query``
+(Linen), ``blocks/0/attn/query`` (NNX). :func:`describe_policy` lists what each module gets and
+why; :func:`check_overrides` refuses an override that matches no module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmp.precision import Policy, dtype_name, get_policy
+
+__all__ = [
+    "cast_params_per_module",
+    "linen_policy",
+    "nnx_with_policy",
+    "describe_policy",
+    "check_overrides",
+    "PolicyTable",
+    "ModuleRow",
+]
+
+# How deep the current Linen call is inside intercepted module calls (0: the model itself).
+_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("jaxmp_module_policy_depth", default=0)
+
+
+def _is_float(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating array leaves cast to ``dtype`` (integers, bools, others unchanged)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) else x, tree)
+
+
+def _key_name(key: Any) -> str | None:
+    """A key-path entry as a path component; None for an NNX variable's ``.value`` attribute."""
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return None if key.name == "value" else key.name
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def module_path_of(key_path: Sequence[Any]) -> str:
+    """The path of the module that owns the param at ``key_path`` (from ``tree_flatten_with_path``).
+
+    The last component (the param's name) is dropped, and so is a leading ``params`` (the Linen
+    collection, when the whole variables dict is passed) and NNX's ``.value``.
+    """
+    names = [name for name in map(_key_name, key_path) if name is not None]
+    if names and names[0] == "params":
+        names = names[1:]
+    return "/".join(names[:-1])
+
+
+def cast_params_per_module(params: Any, policy: Policy | str, to: str = "compute") -> Any:
+    """Casts each floating param to the ``compute`` (or ``param``) dtype of the module that owns it.
+
+    Args:
+      params: a Linen params tree (``variables["params"]`` or ``variables``) or an NNX ``State``.
+      policy: the policy; each leaf's module path (:func:`module_path_of`) is resolved with
+        :meth:`jaxmp.Policy.for_module`.
+      to: ``"compute"`` (before the forward pass) or ``"param"`` (storing master params).
+
+    Returns:
+      The same tree, floating leaves cast; integer leaves unchanged.
+    """
+    policy = get_policy(policy)
+    if to not in ("compute", "param"):
+        raise ValueError(f"`to` must be 'compute' or 'param', got {to!r}")
+
+    def cast(key_path, leaf):
+        if not _is_float(leaf):
+            return leaf
+        module = policy.for_module(module_path_of(key_path))
+        return leaf.astype(module.compute_dtype if to == "compute" else module.param_dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _linen_path(module: nn.Module) -> str:
+    return "/".join(module.path) if module.scope is not None else ""
+
+
+@contextlib.contextmanager
+def linen_policy(policy: Policy | str) -> Iterator[None]:
+    """Within the block, every Linen module call follows ``policy`` at its path (see the module
+    docstring). Apply it around ``model.apply``; params are cast by :func:`cast_params_per_module`.
+
+    Example::
+
+        with jaxmp.linen_policy("bf16;.*attention.*:compute=float32"):
+            logits = model.apply({"params": jaxmp.cast_params_per_module(params, policy)}, ids)
+    """
+    policy = get_policy(policy)
+
+    def intercept(next_fun, args, kwargs, context):
+        depth = _DEPTH.get()
+        if context.method_name.startswith("<"):  # a lifted transform's wrapper (nn.remat, nn.scan)
+            return next_fun(*args, **kwargs)
+        path = _linen_path(context.module)
+        module = policy.for_module(path)
+        args, kwargs = _cast_floats((args, kwargs), module.compute_dtype)
+        token = _DEPTH.set(depth + 1)
+        try:
+            outputs = next_fun(*args, **kwargs)
+        finally:
+            _DEPTH.reset(token)
+        if depth == 0 or policy.sets_output(path):
+            return _cast_floats(outputs, module.output_dtype)
+        return _cast_floats(outputs, module.compute_dtype)
+
+    with nn.intercept_methods(intercept):
+        yield
+
+
+def nnx_with_policy(model: nnx.Module, policy: Policy | str) -> nnx.Module:
+    """A copy of ``model`` whose every layer with a ``dtype`` attribute computes in the compute dtype
+    ``policy`` gives its path. Params are shared in value, not changed; cast them per module in the
+    loss (``make_train_step(..., cast_params="per_module")``)."""
+    policy = get_policy(policy)
+    copy = nnx.clone(model)
+    for path, module in nnx.iter_modules(copy):
+        if hasattr(module, "dtype"):
+            module.dtype = policy.for_module(_nnx_path(path)).compute_dtype
+    return copy
+
+
+def _nnx_path(path: Sequence[Any]) -> str:
+    return "/".join(str(part) for part in path)
+
+
+# --------------------------------------------------------------------------------------- description
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleRow:
+    """What one module gets. Dtypes are names (``float32``); ``rule`` is ``base``, ``island`` or
+    ``override N``; ``kind`` is the module's class name."""
+
+    path: str
+    kind: str
+    params: str
+    compute: str
+    output: str
+    rule: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyTable:
+    """:func:`describe_policy`'s result: one row per module, in call (or graph) order."""
+
+    policy: str
+    rows: tuple[ModuleRow, ...]
+
+    def __str__(self) -> str:
+        header = ("module", "type", "params", "compute", "output", "rule")
+        cells = [header] + [
+            ((row.path or "(model)"), row.kind, row.params, row.compute, row.output, row.rule)
+            for row in self.rows
+        ]
+        widths = [max(len(cell[i]) for cell in cells) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(cell_row, widths, strict=True)).rstrip()
+                 for cell_row in cells]  # fmt: skip
+        return "\n".join([f"policy {self.policy}", *lines])
+
+
+def _row(policy: Policy, path: str, kind: str) -> ModuleRow:
+    module, rule = policy.resolve(path)
+    output = module.output_dtype if (path == "" or policy.sets_output(path)) else module.compute_dtype
+    return ModuleRow(
+        path,
+        kind,
+        dtype_name(module.param_dtype),
+        dtype_name(module.compute_dtype),
+        dtype_name(output),
+        rule,
+    )
+
+
+def _linen_modules(model: nn.Module, example_args: Sequence[Any]) -> list[tuple[str, str]]:
+    """``(path, class name)`` of every module ``model.init`` calls, first call first (traced, not run)."""
+    seen: dict[str, str] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if not context.method_name.startswith("<"):
+            seen.setdefault(_linen_path(context.module), type(context.module).__name__)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args))
+    return list(seen.items())
+
+
+def _nnx_modules(model: nnx.Module) -> list[tuple[str, str]]:
+    return [(_nnx_path(path), type(module).__name__) for path, module in nnx.iter_modules(model)]
+
+
+def module_paths(model: nn.Module | nnx.Module, *example_args: Any) -> list[tuple[str, str]]:
+    """``(path, class name)`` of every module of ``model`` (Linen: those a call with ``example_args``
+    reaches; NNX: the module graph)."""
+    if isinstance(model, nnx.Module):
+        return _nnx_modules(model)
+    if not example_args:
+        raise ValueError(
+            "a Linen model needs example arguments (e.g. a batch of token ids) to find its modules"
+        )
+    return _linen_modules(model, example_args)
+
+
+def describe_policy(model: nn.Module | nnx.Module, policy: Policy | str, *example_args: Any) -> PolicyTable:
+    """One row per module of ``model``: its path, params / compute / output dtype under ``policy``
+    and the rule that decided them. ``print`` it for a table.
+
+    Args:
+      model: a Linen module (jaxmp's or a user's) or an NNX module.
+      policy: the policy.
+      example_args: for a Linen model, arguments of one call (traced with ``jax.eval_shape``,
+        nothing is computed); unused for NNX.
+
+    Raises:
+      ValueError: an override that matches no module (see :func:`check_overrides`).
+    """
+    policy = get_policy(policy)
+    modules = module_paths(model, *example_args)
+    check_overrides(policy, [path for path, _ in modules])
+    return PolicyTable(str(policy), tuple(_row(policy, path, kind) for path, kind in modules))
+
+
+def check_overrides(policy: Policy | str, paths: Sequence[str]) -> None:
+    """Raises ``ValueError`` for the first override whose pattern matches none of ``paths``, naming
+    the pattern and the closest real paths: a typo in a pattern must never be a silent no-op."""
+    policy = get_policy(policy)
+    for number, (pattern, _) in enumerate(policy.overrides, start=1):
+        if not any(re.fullmatch(pattern, path) for path in paths):
+            closest = difflib.get_close_matches(pattern, list(paths), n=3, cutoff=0.0)
+            raise ValueError(
+                f"override {number} pattern {pattern!r} matches no module of the model; "
+                f"closest module paths: {', '.join(closest) or '(none)'}"
+            )
