@@ -35,6 +35,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
 from flax import nnx
 
@@ -48,10 +49,26 @@ __all__ = [
     "check_overrides",
     "PolicyTable",
     "ModuleRow",
+    "module_paths",
+    "resolve_subpath",
 ]
 
 # How deep the current Linen call is inside intercepted module calls (0: the model itself).
 _DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("jaxmp_module_policy_depth", default=0)
+# While describe_policy traces a model: path -> kind of every module and sub-path resolved.
+_SEEN: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "jaxmp_seen_paths", default=None
+)
+
+
+def resolve_subpath(policy: Policy, path: str, kind: str) -> jmp.Policy:
+    """``policy.for_module(path)`` for a computation inside a module that is no module itself (jaxmp's
+    attention softmax ``<attn>/softmax``, logits accumulator ``<head>/logits``): overrides and
+    islands reach it by that path, and :func:`describe_policy` lists it as ``kind``."""
+    seen = _SEEN.get()
+    if seen is not None:
+        seen.setdefault(path, kind)
+    return policy.for_module(path)
 
 
 def _is_float(x: Any) -> bool:
@@ -219,8 +236,12 @@ def _linen_modules(model: nn.Module, example_args: Sequence[Any]) -> list[tuple[
             seen.setdefault(_linen_path(context.module), type(context.module).__name__)
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args))
+    token = _SEEN.set(seen)
+    try:
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args))
+    finally:
+        _SEEN.reset(token)
     return list(seen.items())
 
 

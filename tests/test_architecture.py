@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxmp"
-ENTRY_POINTS = {"jaxmp.train", "jaxmp.compare", "jaxmp.diagnose", "jaxmp.evaluate", "jaxmp.generate"}
+ENTRY_POINTS = {
+    "jaxmp.train",
+    "jaxmp.compare",
+    "jaxmp.diagnose",
+    "jaxmp.evaluate",
+    "jaxmp.generate",
+    "jaxmp.policy",
+}
 # What each layer may not import (by module-name prefix); the numerics and models are the rest.
 FORBIDDEN = {
     "jaxmp.cli": (),

@@ -184,6 +184,7 @@ TRAIN_CASES = [
     case("tsv_label_beyond_int32", "label 99999999999 is outside", *_CLASSIFY, "--data", "{label_beyond_int32.tsv}"),
     case("jsonl_label_beyond_int32", "label 4294967296 is outside", *_CLASSIFY, "--data", "{label_beyond_int32.jsonl}"),
     case("csv_open_quote", "quoted fields are closed", *_CLASSIFY, "--data", "{open_quote.csv}"),
+    case("override_matches_nothing", "'.*atn.*' matches no module", *_TRAIN, "--policy", "bf16;.*atn.*:c=f32"),
     case("eval_data_with_lm", "--eval-data applies to --task classify only", *_TRAIN, "--eval-data", "{labels.tsv}"),
     case("max_rows_with_lm", "--max-rows applies to --task classify only", *_TRAIN, "--max-rows", "4"),
     case("tokenizer_with_classify", "--tokenizer applies to --task lm only", *_CLASSIFY, "--tokenizer", "bpe:300"),

@@ -226,3 +226,68 @@ def test_param_paths_name_their_module():
     _, state = nnx.split(NnxLM(vocab=VOCAB, rngs=nnx.Rngs(0)), nnx.Param)
     paths = {module_path_of(k) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
     assert "blocks/0/attention/query" in paths and "head" in paths
+
+
+# ------------------------------------------------------------------------------------ describe_policy
+
+
+def rows(table) -> dict[str, tuple[str, str, str, str]]:
+    return {row.path: (row.params, row.compute, row.output, row.rule) for row in table.rows}
+
+
+def test_describe_policy_of_a_users_linen_and_nnx_model():
+    linen = rows(jaxmp.describe_policy(TinyLM(vocab=VOCAB), OVERRIDE, batch()["ids"]))
+    assert linen[""] == ("float32", "bfloat16", "float32", "base")  # the model: outputs in fp32
+    assert linen["blocks_0/attention/query"] == ("float32", "float32", "float32", "override 1")
+    assert linen["blocks_0/LayerNorm_0"] == ("float32", "float32", "float32", "island")
+    assert linen["blocks_1/mlp/up"] == ("float32", "bfloat16", "bfloat16", "base")
+    nnx_rows = rows(jaxmp.describe_policy(NnxLM(vocab=VOCAB, rngs=nnx.Rngs(0)), OVERRIDE))
+    assert nnx_rows["blocks/0/attention/query"][1:] == ("float32", "float32", "override 1")
+    assert nnx_rows["blocks/1/mlp/up"][1] == "bfloat16" and nnx_rows["blocks/0/LayerNorm"][3] == "island"
+
+
+def test_describe_policy_of_a_preset_lists_the_softmax_and_logits_inside_modules():
+    model = jaxmp.models.get_model("gpt2-tiny")
+    table = jaxmp.describe_policy(model, "bf16;.*softmax:compute=bfloat16,output=bfloat16", batch()["ids"])
+    described = rows(table)
+    assert described["blocks_0/attn/softmax"] == ("float32", "bfloat16", "bfloat16", "override 1")
+    assert described["blocks_0/norm1"][1:] == ("float32", "float32", "island")
+    assert described["blocks_0/mlp/fc_in"][1:] == ("bfloat16", "bfloat16", "base")
+    lines = str(table).splitlines()
+    assert lines[0].startswith("policy params=float32,compute=bfloat16") and lines[1].split()[0] == "module"
+    assert any(line.split()[:2] == ["blocks_0/attn/softmax", "softmax"] for line in lines)
+
+
+@pytest.mark.parametrize(
+    "model, args",
+    [(TinyLM(vocab=VOCAB), (batch()["ids"],)), (NnxLM(vocab=VOCAB, rngs=nnx.Rngs(0)), ())],
+    ids=["linen", "nnx"],
+)
+def test_an_override_matching_no_module_is_an_error_naming_it_and_the_closest_paths(model, args):
+    with pytest.raises(ValueError, match=r"override 2 pattern '\.\*atention\.\*' matches no module") as error:
+        jaxmp.describe_policy(model, "bf16;.*mlp.*:compute=float32;.*atention.*:compute=float32", *args)
+    assert "attention" in str(error.value).split("closest module paths:")[1]
+
+
+def test_policy_cli_tables_a_preset_and_a_hugging_face_directory(tiny_lm_dir, capsys):
+    from jaxmp.policy import main
+
+    assert main(["--model", "llama-tiny", "--policy", "bf16;.*attn.*:compute=float32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(
+        line.split()[:2] == ["blocks_0/attn/query", "Dense"] and line.endswith("override 1") for line in out
+    )
+    assert main(["--model", str(tiny_lm_dir), "--policy", "fp16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.split()[0] == "blocks_1/norm2" and line.split()[3] == "float32" for line in out)
+    for argv, named in (
+        (
+            ["--model", "llama-tiny", "--policy", "bf16;.*atn.*:compute=float32"],
+            "'.*atn.*' matches no module",
+        ),
+        (["--model", "gpt5", "--policy", "bf16"], "unknown model 'gpt5'"),
+        (["--model", "llama-tiny", "--policy", "bf17"], "--policy: unknown policy 'bf17'"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and named in err, err

@@ -28,6 +28,7 @@ import jmp
 import numpy as np
 
 from jaxmp import fastdot
+from jaxmp.module_policy import resolve_subpath
 from jaxmp.precision import Policy
 
 __all__ = [
@@ -419,7 +420,7 @@ class Attention(PolicyModule):
             )
             k_BxLxGxK, v_BxLxGxK = cache.key, cache.value
 
-        softmax_dtype = self.policy.for_module(f"{self.module_path}/softmax").compute_dtype
+        softmax_dtype = resolve_subpath(self.policy, f"{self.module_path}/softmax", "softmax").compute_dtype
         dropout_active = self.dropout_rate > 0.0 and not deterministic
         if jnp.dtype(softmax_dtype) == jnp.float32 and not dropout_active:
             out_BxLxHxK = fastdot.attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL)
@@ -512,7 +513,7 @@ class LogitsHead(PolicyModule):
             contract_axis = 0
         else:
             kernel, contract_axis = tied_embedding_FxD, 1
-        logits_dtype = self.policy.for_module(f"{self.module_path}/logits").compute_dtype
+        logits_dtype = resolve_subpath(self.policy, f"{self.module_path}/logits", "logits").compute_dtype
         accumulator = fastdot.matmul(x_BxLxD.astype(self.dtype), kernel, contract_axis)
         logits = accumulator.astype(logits_dtype)  # fp32 island: final logits
         if self.use_bias:

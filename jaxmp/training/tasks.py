@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmp import hf, models
@@ -22,6 +23,7 @@ from jaxmp.data.lm import LMDataConfig, load_lm_dataset
 from jaxmp.data.tokenizer import Tokenizer
 from jaxmp.errors import UsageError
 from jaxmp.losses import classification_loss, lm_loss
+from jaxmp.module_policy import check_overrides, module_paths
 from jaxmp.train_step import make_eval_step
 from jaxmp.training.config import TrainConfig
 
@@ -89,6 +91,17 @@ def _mean_eval(eval_step: Callable, params: Any, batches: Iterator[Batch]) -> di
     return {"val_loss": loss_sum / rows, **({"val_accuracy": correct / rows} if has_accuracy else {})}
 
 
+def _check_overrides(config: TrainConfig, model: Any) -> None:
+    """Refuses a policy override that matches none of ``model``'s modules (a typo is no silent no-op)."""
+    if not config.precision_policy.overrides:
+        return
+    paths = [path for path, _ in module_paths(model, jnp.zeros((1, config.seq_len), jnp.int32))]
+    try:
+        check_overrides(config.precision_policy, paths)
+    except ValueError as error:
+        raise UsageError(f"`policy`: {error}") from None
+
+
 def _require_causal(model_config: Any, name: str) -> None:
     """Refuses a model ``task="lm"`` cannot train: a BERT encoder, or a model with another head."""
     if not models.is_causal_lm(model_config):
@@ -119,6 +132,7 @@ def _lm_task(config: TrainConfig, cache_dir: Path) -> Task:
         raise UsageError(
             f"`seq_len` {config.seq_len} is beyond {config.model}'s {model.config.max_positions} positions"
         )
+    _check_overrides(config, model)
     if params is None:
         params = models.init_params(model, jax.random.key(config.seed), config.seq_len)
 
@@ -174,6 +188,7 @@ def _classify_task(config: TrainConfig) -> Task:
         raise UsageError(
             f"`seq_len` {config.seq_len} is beyond the model's {model.config.max_positions} positions"
         )
+    _check_overrides(config, model)
 
     def forward(params, batch, **kwargs):
         return model.apply(
