@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -32,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp import hf, models, scaling
+from jaxmp import models, scaling
 from jaxmp.losses import lm_loss
+from jaxmp.module_policy import cast_params_per_module, is_jaxmp_model, leaf_path_of, model_forward
 from jaxmp.precision import Policy, get_policy
-from jaxmp.train_step import leaf_paths
 from jaxmp.value_stats import (
     FP16_MAX,
     LOG2_BINS,
@@ -65,17 +66,35 @@ NEGLIGIBLE_RMS = 1e-4
 
 
 def _flat(tree: Any) -> dict[str, jax.Array]:
-    return dict(zip(leaf_paths(tree), jax.tree.leaves(tree), strict=True))
+    """``{path: leaf}``, paths ``/``-joined (an NNX variable's ``.value`` left out)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {leaf_path_of(path): leaf for path, leaf in leaves}
 
 
-def _lm_forward(model: nn.Module, params: Any, batch: dict, perturbations: dict[str, jax.Array]):
-    """The LM loss and every module's floating output, each plus its entry of ``perturbations``."""
+def lm_loss_of(outputs: Any, batch: dict) -> jax.Array:
+    """The default loss: next-token cross-entropy of ``outputs`` (logits, or an object with
+    ``.logits``) against ``batch["targets"]``."""
+    return lm_loss(getattr(outputs, "logits", outputs), batch["targets"])
+
+
+def _forward_recording(forward: Callable, loss_fn: Callable, params: Any, batch: dict, perturbations: dict):
+    """The loss and every Linen module's floating output, each plus its entry of ``perturbations``.
+
+    Outputs inside a lifted transform (``nn.scan``, ``nn.remat``) are not recorded: they cannot leave it.
+    """
     outputs: dict[str, jax.Array] = {}
     calls: dict[str, int] = {}
+    lifted = [0]  # how many lifted transforms the current call is inside
 
     def interceptor(next_fun, args, kwargs, context):
+        if context.method_name.startswith("<"):  # a lifted transform's wrapper
+            lifted[0] += 1
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                lifted[0] -= 1
         output = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or isinstance(context.module, nn.Dropout):
+        if lifted[0] or context.method_name != "__call__" or isinstance(context.module, nn.Dropout):
             return output
         path = "/".join(context.module.path) or "model"
         calls[path] = calls.get(path, 0) + 1
@@ -90,17 +109,17 @@ def _lm_forward(model: nn.Module, params: Any, batch: dict, perturbations: dict[
         return jax.tree.unflatten(treedef, leaves)
 
     with nn.intercept_methods(interceptor):
-        out = model.apply({"params": params}, batch["input_ids"])
-    return lm_loss(out.logits, batch["targets"]), outputs
+        out = forward(params, batch["input_ids"])
+    return loss_fn(out, batch), outputs
 
 
-def _probe(model: nn.Module, params: Any, batch: dict, scale: jax.Array):
+def _probe(forward: Callable, loss_fn: Callable, params: Any, batch: dict, scale: jax.Array):
     """``(outputs, output_grads, param_grads)`` of ``scale * loss``, each a flat ``{name: array}``."""
-    shapes = jax.eval_shape(lambda p: _lm_forward(model, p, batch, {})[1], params)
+    shapes = jax.eval_shape(lambda p: _forward_recording(forward, loss_fn, p, batch, {})[1], params)
     zeros = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
 
     def scaled_loss(params, perturbations):
-        loss, outputs = _lm_forward(model, params, batch, perturbations)
+        loss, outputs = _forward_recording(forward, loss_fn, params, batch, perturbations)
         return loss.astype(jnp.float32) * scale, outputs
 
     (param_grads, output_grads), outputs = jax.grad(scaled_loss, argnums=(0, 1), has_aux=True)(params, zeros)
@@ -116,6 +135,8 @@ def _compare(reference: tuple, policy: tuple, scale: jax.Array):
     compared = {}
     for kind, reference_values, policy_values in zip(_KINDS, reference, policy, strict=True):
         names = sorted(reference_values)
+        if not names:  # an NNX model has no intercepted module outputs
+            continue
         refs, values = [reference_values[n] for n in names], [policy_values[n] for n in names]
         value_scale = jnp.float32(1.0) if kind == "activation" else scale
         compared[kind] = (
@@ -300,15 +321,18 @@ def settled_loss_scale(loss_scale: scaling.LossScale, recommended: float | None)
 class _Runner:
     """Runs the fp32 and the policy model's forward and backward passes over the batches."""
 
-    def __init__(self, model: nn.Module, params: Any, policy: Policy, batches: list[dict]):
-        # Intercepted outputs cannot leave nn.scan or nn.remat: run the same params layer by layer.
-        config = dataclasses.replace(model.config, remat=False, scan_layers=False)
-        if model.config.scan_layers:
-            params = models.unstack_layer_params(params, config.n_layers)
-        model32, model_p = models.create_model(config, "fp32"), models.create_model(config, policy)
-        self.probe32 = jax.jit(lambda params, batch, scale: _probe(model32, params, batch, scale))
-        self.probe_p = jax.jit(lambda params, batch, scale: _probe(model_p, params, batch, scale))
-        self.params32, self.params_p = hf.cast_params(params, "fp32"), hf.cast_params(params, policy)
+    def __init__(self, model: Any, params: Any, policy: Policy, batches: list[dict], loss_fn: Callable):
+        if is_jaxmp_model(model):
+            # Intercepted outputs cannot leave nn.scan or nn.remat: run the same params layer by layer.
+            config = dataclasses.replace(model.config, remat=False, scan_layers=False)
+            if model.config.scan_layers:
+                params = models.unstack_layer_params(params, config.n_layers)
+            model = models.create_model(config, "fp32")
+        forward32, forward_p = model_forward(model, "fp32"), model_forward(model, policy)
+        self.probe32 = jax.jit(lambda params, batch, scale: _probe(forward32, loss_fn, params, batch, scale))
+        self.probe_p = jax.jit(lambda params, batch, scale: _probe(forward_p, loss_fn, params, batch, scale))
+        self.params32 = cast_params_per_module(params, "fp32", to="param")
+        self.params_p = cast_params_per_module(params, policy, to="param")
         self.batches = batches
         self.policy = policy
         self.uses_float16 = policy.uses_float16
@@ -349,6 +373,8 @@ class _Runner:
             compared, histograms = jax.device_get(_compare(reference, policy, np.float32(scale)))
             counts += np.asarray(histograms, np.int64)
             for kind, values in zip(_KINDS, reference, strict=True):
+                if kind not in compared:
+                    continue
                 ref_stats, policy_stats, errors = compared[kind]
                 for i, name in enumerate(sorted(values)):
                     m, error, norm = np.asarray(errors[i], np.float64)  # float64: m**2 cannot underflow
@@ -398,24 +424,36 @@ def _measured(result: tuple[RangeStats, RangeStats, np.ndarray]) -> Measured:
 
 
 def diagnose(
-    model: nn.Module, params: Any, policy: Policy | str, batches: list[dict], *, loss_scale: str = "auto"
+    model: Any,
+    params: Any,
+    policy: Policy | str,
+    batches: list[dict],
+    *,
+    loss_fn: Callable[[Any, dict], jax.Array] = lm_loss_of,
+    loss_scale: str = "auto",
 ) -> Diagnosis:
     """Compares ``policy`` against float32 on ``batches`` (see the module docstring).
 
     Args:
-      model: a jaxmp causal LM (GPT-2 or Llama); only its ``config`` is used. Models with
-        ``scan_layers`` or ``remat`` run unscanned and without remat (same numerics; policy
-        overrides naming ``blocks/...`` then do not match ``blocks_{i}/...``).
-      params: its params, ideally float32 masters (they are cast to each policy's param dtypes).
+      model: a jaxmp model (only its ``config`` is used; with ``scan_layers`` or ``remat`` it runs
+        unscanned and without remat: same numerics, but overrides naming ``blocks/...`` then do not
+        match ``blocks_{i}/...``), or any Flax model: a Linen module (the policy applied per module,
+        :mod:`jaxmp.module_policy`; outputs inside ``nn.scan``/``nn.remat`` are not recorded) or an
+        NNX module (parameter gradients only: NNX calls cannot be intercepted). It is called as
+        ``model(batch["input_ids"])``.
+      params: its params (Linen params tree or NNX ``State`` of ``nnx.Param``), ideally float32
+        masters (they are cast to each policy's param dtypes).
       policy: the policy to diagnose.
-      batches: dicts with ``input_ids`` and ``targets``, int32 ``[B, L]``, all of one shape.
-      loss_scale: ``auto``, ``none``, ``dynamic`` or ``static:N``, as ``--loss-scale`` in training.
+      batches: dicts with ``input_ids`` (and whatever ``loss_fn`` reads), all of one shape.
+      loss_fn: ``loss_fn(outputs, batch) -> scalar loss``; default: next-token cross-entropy
+        against ``batch["targets"]``.
+      loss_scale: ``auto``, ``none``, ``dynamic`` or ``static:N``, as ``loss_scale`` in training.
 
     Returns:
       A :class:`Diagnosis`.
     """
     policy = get_policy(policy)
-    runner = _Runner(model, params, policy, batches)
+    runner = _Runner(model, params, policy, batches, loss_fn)
     recommended = _recommend(runner)
     settled = settled_loss_scale(scaling.make_loss_scale(loss_scale, policy), recommended)
     at_one, histogram_one = runner.measure(1.0)

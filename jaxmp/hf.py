@@ -40,7 +40,8 @@ from jaxmp.models.bert import BertConfig
 from jaxmp.models.gpt2 import GPT2Config
 from jaxmp.models.layers import RopeScaling
 from jaxmp.models.llama import LlamaConfig
-from jaxmp.precision import Policy, get_policy
+from jaxmp.module_policy import cast_params_per_module
+from jaxmp.precision import Policy
 
 __all__ = ["from_pretrained", "save_pretrained", "save_tokenizer", "cast_params"]
 
@@ -534,16 +535,8 @@ def _load_tensors(
 
 
 def cast_params(params: Any, policy: Policy | str) -> Any:
-    """Casts every param to ``policy.for_module(<its module path>).param_dtype``."""
-    policy = get_policy(policy)
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return traverse_util.unflatten_dict(
-        {
-            path: jnp.asarray(value, policy.for_module(path.rsplit("/", 1)[0]).param_dtype)
-            for path, value in flat.items()
-        },
-        sep="/",
-    )
+    """Casts every param to ``policy.for_module(<its module path>).param_dtype``, as jax arrays."""
+    return cast_params_per_module(jax.tree.map(jnp.asarray, params), policy, to="param")
 
 
 def from_pretrained(

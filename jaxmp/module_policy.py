@@ -29,7 +29,7 @@ import contextvars
 import dataclasses
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +51,10 @@ __all__ = [
     "ModuleRow",
     "module_paths",
     "resolve_subpath",
+    "model_forward",
+    "leaf_path_of",
+    "module_path_of",
+    "is_jaxmp_model",
 ]
 
 # How deep the current Linen call is inside intercepted module calls (0: the model itself).
@@ -88,6 +92,12 @@ def _key_name(key: Any) -> str | None:
         if hasattr(key, attribute):
             return str(getattr(key, attribute))
     return str(key)
+
+
+def leaf_path_of(key_path: Sequence[Any]) -> str:
+    """The ``/``-joined path of a leaf at ``key_path`` (from ``tree_flatten_with_path``), NNX's
+    ``.value`` left out: ``blocks/0/attention/query/kernel``."""
+    return "/".join(name for name in map(_key_name, key_path) if name is not None)
 
 
 def module_path_of(key_path: Sequence[Any]) -> str:
@@ -177,6 +187,35 @@ def nnx_with_policy(model: nnx.Module, policy: Policy | str) -> nnx.Module:
 
 def _nnx_path(path: Sequence[Any]) -> str:
     return "/".join(str(part) for part in path)
+
+
+def is_jaxmp_model(model: Any) -> bool:
+    """Whether ``model`` is one of jaxmp's own models, whose layers read the policy themselves."""
+    return isinstance(model, nn.Module) and isinstance(getattr(model, "policy", None), Policy)
+
+
+def model_forward(model: nn.Module | nnx.Module, policy: Policy | str) -> Callable[..., Any]:
+    """``forward(params, *args)``: ``model`` called on ``args`` under ``policy``, from master params.
+
+    ``params`` are the model's master params (a Linen params tree, or an NNX ``State`` of its
+    ``nnx.Param``s); the forward pass sees each cast to its module's compute dtype. jaxmp's models
+    are rebuilt with ``policy`` (their layers cast themselves); a user's Linen model runs under
+    :func:`linen_policy`; an NNX model's layers get their dtypes from :func:`nnx_with_policy`.
+    Differentiable w.r.t. ``params``.
+    """
+    policy = get_policy(policy)
+    if is_jaxmp_model(model):
+        rebuilt = model.clone(policy=policy, parent=None)
+        return lambda params, *args: rebuilt.apply({"params": params}, *args)
+    if isinstance(model, nnx.Module):
+        graphdef, _, rest = nnx.split(nnx_with_policy(model, policy), nnx.Param, ...)
+        return lambda params, *args: nnx.merge(graphdef, cast_params_per_module(params, policy), rest)(*args)
+
+    def forward(params, *args):
+        with linen_policy(policy):
+            return model.apply({"params": cast_params_per_module(params, policy)}, *args)
+
+    return forward
 
 
 # --------------------------------------------------------------------------------------- description

@@ -11,6 +11,7 @@ from user_models import NnxLM, TinyLM
 
 import jaxmp
 from jaxmp.data.corpus import read_corpus
+from jaxmp.diagnostics import diagnose
 from jaxmp.module_policy import module_path_of
 
 OVERRIDE = "bf16;.*attention.*:compute=float32"
@@ -291,3 +292,39 @@ def test_policy_cli_tables_a_preset_and_a_hugging_face_directory(tiny_lm_dir, ca
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and named in err, err
+
+
+# --------------------------------------------------------------------------- diagnose and compare
+
+
+def lm_batches(count: int = 2) -> list[dict]:
+    return [{"input_ids": b["ids"][:, :-1], "targets": b["ids"][:, 1:]} for b in map(batch, range(count))]
+
+
+def test_diagnose_a_users_linen_model_per_module():
+    model = TinyLM(vocab=VOCAB)
+    params = init(model)
+    exact = diagnose(model, params, "fp32", lm_batches())
+    assert exact.entries and all(e.at_one.relative_error == 0 for e in exact.entries)
+    diagnosis = diagnose(model, params, "fp16;.*attention.*:compute=float32", lm_batches())
+    entries = {(e.kind, e.name): e for e in diagnosis.entries}
+    assert entries["param_grad", "blocks_0/mlp/up/kernel"].dtype == "float16"
+    assert entries["param_grad", "blocks_0/attention/query/kernel"].dtype == "float32"
+    assert entries["activation", "blocks_1/mlp/down"].dtype == "float16"
+    assert entries["activation", "blocks_1/attention/out"].dtype == "float32"
+    mlp, attention = (
+        entries["activation", f"blocks_1/{m}"].at_one.relative_error for m in ("mlp/down", "attention/out")
+    )
+    assert 1e-5 < mlp < 1e-2 and attention < mlp  # fp16 rounding where the policy says fp16 only
+    assert diagnosis.recommended_loss_scale is not None
+
+
+def test_diagnose_a_users_nnx_model_reports_its_parameter_gradients():
+    model = NnxLM(vocab=VOCAB, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    diagnosis = diagnose(model, params, "fp16;.*attention.*:compute=float32", lm_batches())
+    grads = {e.name: e for e in diagnosis.entries if e.kind == "param_grad"}
+    assert {e.kind for e in diagnosis.entries} == {"param_grad"}
+    assert grads["blocks/0/mlp/up/kernel"].dtype == "float16" and grads["head/kernel"].dtype == "float16"
+    assert grads["blocks/0/attention/query/kernel"].dtype == "float32"
+    assert 0 < grads["blocks/0/mlp/up/kernel"].at_one.relative_error < 1e-2
