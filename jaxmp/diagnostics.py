@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmp import models, scaling
-from jaxmp.losses import lm_loss
+from jaxmp.losses import lm_loss_of
 from jaxmp.module_policy import cast_params_per_module, is_jaxmp_model, leaf_path_of, model_forward
 from jaxmp.precision import Policy, get_policy
 from jaxmp.value_stats import (
@@ -69,12 +69,6 @@ def _flat(tree: Any) -> dict[str, jax.Array]:
     """``{path: leaf}``, paths ``/``-joined (an NNX variable's ``.value`` left out)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {leaf_path_of(path): leaf for path, leaf in leaves}
-
-
-def lm_loss_of(outputs: Any, batch: dict) -> jax.Array:
-    """The default loss: next-token cross-entropy of ``outputs`` (logits, or an object with
-    ``.logits``) against ``batch["targets"]``."""
-    return lm_loss(getattr(outputs, "logits", outputs), batch["targets"])
 
 
 def _forward_recording(forward: Callable, loss_fn: Callable, params: Any, batch: dict, perturbations: dict):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["lm_loss", "classification_loss"]
+__all__ = ["lm_loss", "lm_loss_of", "classification_loss"]
 
 
 def lm_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array | None = None) -> jax.Array:
@@ -26,6 +28,12 @@ def lm_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array
         return losses_BxL.mean()
     mask_BxL = mask_BxL.astype(jnp.float32)
     return (losses_BxL * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1.0)
+
+
+def lm_loss_of(outputs: Any, batch: dict) -> jax.Array:
+    """:func:`lm_loss` of a model's ``outputs`` (logits, or an object with ``.logits``) against
+    ``batch["targets"]``: the default loss of ``diagnose`` and ``compare_policies``."""
+    return lm_loss(getattr(outputs, "logits", outputs), batch["targets"])
 
 
 def classification_loss(

@@ -13,6 +13,8 @@ import jaxmp
 from jaxmp.data.corpus import read_corpus
 from jaxmp.diagnostics import diagnose
 from jaxmp.module_policy import module_path_of
+from jaxmp.training.compare_model import compare_policies
+from jaxmp.training.compare_model import markdown_table as compare_markdown
 
 OVERRIDE = "bf16;.*attention.*:compute=float32"
 VOCAB, LENGTH = 64, 16
@@ -328,3 +330,26 @@ def test_diagnose_a_users_nnx_model_reports_its_parameter_gradients():
     assert grads["blocks/0/mlp/up/kernel"].dtype == "float16" and grads["head/kernel"].dtype == "float16"
     assert grads["blocks/0/attention/query/kernel"].dtype == "float32"
     assert 0 < grads["blocks/0/mlp/up/kernel"].at_one.relative_error < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_compare_policies_on_a_users_model(kind):
+    if kind == "linen":
+        model = TinyLM(vocab=VOCAB)
+        params = init(model)
+    else:
+        model = NnxLM(vocab=VOCAB, rngs=nnx.Rngs(0))
+        params = nnx.state(model, nnx.Param)
+    # XLA:CPU has no fp16 x fp16 -> fp32 dot, which NNX's attention asks for: its attention stays fp32.
+    policies = ["fp32", OVERRIDE, "fp16" if kind == "linen" else "fp16;.*attention.*:compute=float32"]
+    runs = compare_policies(
+        model, params, policies, lm_batches(4), steps=12, eval_batches=lm_batches(1), learning_rate=3e-3
+    )
+    assert [run.policy for run in runs] == [str(jaxmp.get_policy(p)) for p in policies]
+    for run in runs:
+        assert len(run.losses) == 12 and run.losses[-1] < run.losses[0] and run.eval_loss is not None
+    fp32, mixed, fp16 = runs
+    assert fp32.losses[0] == pytest.approx(mixed.losses[0], rel=1e-2)  # same params, same first batch
+    assert fp32.final_loss_scale == 1.0 and fp16.final_loss_scale > 1.0  # auto: dynamic for fp16 only
+    table = compare_markdown(runs).splitlines()
+    assert len(table) == 5 and table[2].split("|")[4].strip() == "1.0000"  # fp32 against itself
