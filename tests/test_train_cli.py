@@ -253,7 +253,7 @@ def test_max_rows_limits_the_training_rows(tmp_path):
         task="classify", init=str(minilm_dir()), data=str(SST2 / "train.tsv"), eval_data=str(SST2 / "dev.tsv"),
         max_rows=5, batch_size=5, seq_len=16, pad_multiple=0,
     )  # fmt: skip
-    task = build_task(config, get_policy("fp32"), tmp_path)
+    task = build_task(dataclasses.replace(config, policy="fp32"), tmp_path)
     first = load_classification_data(SST2 / "train.tsv", minilm_dir(), max_length=16, limit=5)
     for step in range(3):  # each batch is one epoch: a permutation of the first 5 rows
         assert sorted(map(bytes, task.window(step, 1)["input_ids"][0])) == sorted(map(bytes, first.input_ids))
@@ -387,7 +387,7 @@ def test_accumulation_window_is_one_scanned_call_equal_to_per_micro_step_trainin
 
     # The same training, one call per micro-step, through the library.
     policy = get_policy("fp32")
-    task = build_task(config, policy, tmp_path / "cache")
+    task = build_task(config, tmp_path / "cache")  # config.policy is fp32
     optimizer = jaxmp.make_optimizer(
         learning_rate=config.lr, accum_steps=4, clip_norm=config.clip_norm, weight_decay=config.weight_decay,
         warmup_steps=1, total_steps=3, seed=config.seed,
