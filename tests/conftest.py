@@ -1,9 +1,19 @@
-"""Test configuration: strict rank promotion and a quiet, CPU-only JAX; shared fixtures."""
+"""Test configuration: strict rank promotion and a quiet, CPU-only JAX; one XLA compilation cache for
+the session; shared fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests train the same tiny models, in this process and in `python -m jaxmp.train` subprocesses
+# (which inherit the environment): a persistent cache compiles each program once per session.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jaxmp-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -18,12 +18,14 @@ def logged_losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def tiny_config(tmp_path, **changes) -> TrainConfig:
+def tiny_config(tmp_path, model_dir, **changes) -> TrainConfig:
+    """A few steps of the tiny GPT-2 at ``model_dir`` (the dtypes do not depend on the model's size)."""
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         corpus.write_text("Now is the winter of our discontent made glorious summer. " * 200)
     fields = dict(
         data=str(corpus),
+        init=str(model_dir),
         policy="pure-bf16",
         steps=6,
         batch_size=2,
@@ -41,8 +43,10 @@ def tiny_config(tmp_path, **changes) -> TrainConfig:
     "param_update, moment_dtype, at_most",
     [("kahan", "bfloat16", 8.0), ("stochastic", "bfloat16", 8.0), ("kahan", "float32", 12.0)],
 )
-def test_bytes_per_param_from_the_real_state(tmp_path, param_update, moment_dtype, at_most):
-    result = run(tiny_config(tmp_path, param_update=param_update, moment_dtype=moment_dtype, steps=2))
+def test_bytes_per_param_from_the_real_state(tmp_path, tiny_lm_dir, param_update, moment_dtype, at_most):
+    result = run(
+        tiny_config(tmp_path, tiny_lm_dir, param_update=param_update, moment_dtype=moment_dtype, steps=2)
+    )
     state = result.state
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state.params))
     floats = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.size > 2]  # not counts or keys
@@ -54,8 +58,10 @@ def test_bytes_per_param_from_the_real_state(tmp_path, param_update, moment_dtyp
     assert np.isfinite(result.summary["final_train_loss"])
 
 
-def test_pure_bf16_stochastic_resumes_exactly(tmp_path):
-    config = tiny_config(tmp_path, param_update="stochastic", moment_dtype="bfloat16", save_every=3)
+def test_pure_bf16_stochastic_resumes_exactly(tmp_path, tiny_lm_dir):
+    config = tiny_config(
+        tmp_path, tiny_lm_dir, param_update="stochastic", moment_dtype="bfloat16", save_every=3
+    )
     straight = run(config)
     final = jax.tree.map(np.asarray, straight.state.params)
     losses = logged_losses(tmp_path / "run")
