@@ -74,7 +74,7 @@ def by_module(found, *names):
 # ------------------------------------------------------------------------------------------------ Linen
 
 
-@pytest.mark.parametrize("variant", ["plain", "scan", "remat", "shared"])
+@pytest.mark.parametrize("variant", ["plain", "scan", "remat", "vmap", "shared"])
 def test_linen_dots_follow_the_policy_per_module(variant):
     model = TinyLM(vocab=VOCAB, variant=variant)
     found = dots(step_jaxpr(model, init(model), OVERRIDE))

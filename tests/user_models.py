@@ -20,7 +20,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:-1]))  # [..., L, D] -> [..., 1, L, L]
         h = nn.LayerNorm()(x)  # auto-named LayerNorm_0
         x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(h, h, mask=mask)
         h = nn.LayerNorm()(x)
@@ -39,8 +39,9 @@ class ScannedBlock(nn.Module):
 
 class TinyLM(nn.Module):
     """Embedding, two pre-norm blocks, final LayerNorm, head. ``variant``: ``plain`` (blocks_0,
-    blocks_1), ``scan`` (one ``nn.scan``-ned block), ``remat`` (``nn.remat`` blocks) or ``shared``
-    (one block applied twice)."""
+    blocks_1), ``scan`` (one ``nn.scan``-ned block), ``remat`` (``nn.remat`` blocks), ``vmap``
+    (``nn.vmap``-ped blocks, each sequence of the batch on its own) or ``shared`` (one block
+    applied twice)."""
 
     vocab: int
     width: int = 32
@@ -56,7 +57,12 @@ class TinyLM(nn.Module):
             block = Block(self.width, name="blocks_0")
             x = block(block(x))
         else:
-            kind = nn.remat(Block) if self.variant == "remat" else Block
+            kind = {
+                "remat": nn.remat(Block),
+                "vmap": nn.vmap(
+                    Block, in_axes=0, out_axes=0, variable_axes={"params": None}, split_rngs={"params": False}
+                ),
+            }.get(self.variant, Block)
             for index in range(2):
                 x = kind(self.width, name=f"blocks_{index}")(x)
         x = nn.LayerNorm()(x)
