@@ -1,0 +1,82 @@
+"""FP8 building blocks against float references: saturating quantisation, the fp8 dot and its
+gradients, current scaling, and delayed scaling's amax history computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxmp.fp8 import E4M3, E5M2, DelayedScale, current_scale, dequantize, fp8_dot, fp8_max, quantize
+
+
+def reference_quantize(x, dtype, scale):
+    """numpy/ml_dtypes: scale, saturate, round to the format, back to float32."""
+    bound = float(ml_dtypes.finfo(dtype).max)
+    scaled = np.clip(np.asarray(x, np.float32) * np.float32(scale), -bound, bound)
+    return scaled.astype(dtype).astype(np.float32) / np.float32(scale)
+
+
+def test_formats_and_saturation():
+    assert (fp8_max(E4M3), fp8_max(E5M2)) == (448.0, 57344.0)
+    x = jnp.array([1e6, -1e6, 500.0, 0.3, 0.0, -3e-9], jnp.float32)
+    assert dequantize(quantize(x, E4M3, 1.0), 1.0).tolist()[:3] == [448.0, -448.0, 448.0]  # no NaN
+    assert dequantize(quantize(x, E5M2, 1.0), 1.0).tolist()[:2] == [57344.0, -57344.0]  # no inf
+    for dtype in (E4M3, E5M2):
+        for scale in (1.0, 0.125, 37.5):
+            ours = dequantize(quantize(x, dtype, scale), scale)  # equal but for the last division's rounding
+            np.testing.assert_allclose(ours, reference_quantize(x, dtype, scale), rtol=2.5e-7, atol=0)
+
+
+def test_current_scale_maps_amax_to_the_formats_maximum():
+    x = jnp.array([[0.5, -3.0], [2.0, 1.0]])
+    assert float(current_scale(x, E4M3)) == pytest.approx(448.0 / 3.0, rel=1e-7)
+    assert float(current_scale(x, E5M2, margin=2)) == pytest.approx(57344.0 / 3.0 / 4.0, rel=1e-7)
+    assert (
+        float(current_scale(jnp.zeros(3), E4M3)) == 1.0
+        and float(current_scale(jnp.array([jnp.inf]), E4M3)) == 1.0
+    )
+    assert float(jnp.max(jnp.abs(dequantize(quantize(x, E4M3, current_scale(x, E4M3)), 1.0)))) == 448.0
+
+
+def test_fp8_dot_and_its_gradients_equal_the_float_reference():
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 5, 16)) * 4.0
+    w = jax.random.normal(kw, (16, 8)) * 0.1
+    g = jax.random.normal(kg, (3, 5, 8)) * 1e-3
+    x_scale, w_scale = current_scale(x, E4M3), current_scale(w, E4M3)
+    g_scale = current_scale(g, E5M2)
+    out, vjp = jax.vjp(lambda x, w: fp8_dot(x, w, x_scale, w_scale, g_scale), x, w)
+    dx, dw = vjp(g)
+    xq, wq = reference_quantize(x, E4M3, x_scale), reference_quantize(w, E4M3, w_scale)
+    gq = reference_quantize(g, E5M2, g_scale)
+    for ours, reference in ((out, xq @ wq), (dx, gq @ wq.T), (dw, xq.reshape(-1, 16).T @ gq.reshape(-1, 8))):
+        # fp32 rounding of sums in another order: relative to the largest entry (some entries cancel)
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6 * float(np.abs(reference).max()))
+    assert out.dtype == dx.dtype == dw.dtype == jnp.float32
+    exact = x @ w  # fp8 is close to, but not, the float32 product
+    assert 0 < float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact)) < 0.1
+
+
+def test_delayed_scaling_follows_a_hand_computed_amax_history():
+    state = DelayedScale.create(history=3, margin=1)
+    assert state.amax_history.tolist() == [0.0, 0.0, 0.0] and float(state.scale) == 1.0
+    expected = []  # (history after the step, scale for the next step)
+    for amax, history in [
+        (2.0, [2, 0, 0]),
+        (8.0, [8, 2, 0]),
+        (1.0, [1, 8, 2]),
+        (0.5, [0.5, 1, 8]),
+        (0.25, [0.25, 0.5, 1]),
+    ]:
+        expected.append((history, 448.0 / max(history) / 2.0))
+        state = state.update(jnp.float32(amax), E4M3)
+        assert (state.amax_history.tolist(), float(state.scale)) == expected[-1], amax
+    unchanged = state.update(jnp.float32(jnp.nan), E4M3)  # a non-finite step leaves the state alone
+    assert unchanged.amax_history.tolist() == state.amax_history.tolist() and float(unchanged.scale) == float(
+        state.scale
+    )
+    leaves = jax.tree.leaves(state)
+    assert [leaf.dtype for leaf in leaves] == [jnp.float32, jnp.float32, jnp.int32]  # a checkpointable pytree
+    with pytest.raises(ValueError, match="`history` must be >= 1"):
+        DelayedScale.create(history=0)
