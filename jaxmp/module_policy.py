@@ -223,8 +223,9 @@ def model_forward(model: nn.Module | nnx.Module, policy: Policy | str) -> Callab
 
 @dataclasses.dataclass(frozen=True)
 class ModuleRow:
-    """What one module gets. Dtypes are names (``float32``); ``rule`` is ``base``, ``island`` or
-    ``override N``; ``kind`` is the module's class name."""
+    """What one module gets. Dtypes are names (``float32``); ``matmul`` is ``compute`` or ``fp8`` for
+    jaxmp's ``Dense`` layers (:meth:`jaxmp.Policy.matmul_for`), ``—`` for others; ``rule`` is ``base``,
+    ``island`` or ``override N``; ``kind`` is the module's class name."""
 
     path: str
     kind: str
@@ -232,6 +233,7 @@ class ModuleRow:
     compute: str
     output: str
     rule: str
+    matmul: str = "—"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,9 +244,12 @@ class PolicyTable:
     rows: tuple[ModuleRow, ...]
 
     def __str__(self) -> str:
-        header = ("module", "type", "params", "compute", "output", "rule")
+        fp8 = any(row.matmul == "fp8" for row in self.rows)  # the column only when it says something
+        header = ("module", "type", "params", "compute", "output", *(("matmul",) if fp8 else ()), "rule")
         cells = [header] + [
-            ((row.path or "(model)"), row.kind, row.params, row.compute, row.output, row.rule)
+            ((row.path or "(model)"), row.kind, row.params, row.compute, row.output)
+            + ((row.matmul,) if fp8 else ())
+            + (row.rule,)
             for row in self.rows
         ]
         widths = [max(len(cell[i]) for cell in cells) for i in range(len(header))]
@@ -253,7 +258,7 @@ class PolicyTable:
         return "\n".join([f"policy {self.policy}", *lines])
 
 
-def _row(policy: Policy, path: str, kind: str) -> ModuleRow:
+def _row(policy: Policy, path: str, kind: str, fp8_capable: bool) -> ModuleRow:
     module, rule = policy.resolve(path)
     output = module.output_dtype if (path == "" or policy.sets_output(path)) else module.compute_dtype
     return ModuleRow(
@@ -263,6 +268,7 @@ def _row(policy: Policy, path: str, kind: str) -> ModuleRow:
         dtype_name(module.compute_dtype),
         dtype_name(output),
         rule,
+        policy.matmul_for(path) if fp8_capable and kind == "Dense" else "—",
     )
 
 
@@ -316,7 +322,8 @@ def describe_policy(model: nn.Module | nnx.Module, policy: Policy | str, *exampl
     policy = get_policy(policy)
     modules = module_paths(model, *example_args)
     check_overrides(policy, [path for path, _ in modules])
-    return PolicyTable(str(policy), tuple(_row(policy, path, kind) for path, kind in modules))
+    fp8_capable = is_jaxmp_model(model)  # fp8 matmuls: jaxmp's Dense layers (users' models: not yet)
+    return PolicyTable(str(policy), tuple(_row(policy, path, kind, fp8_capable) for path, kind in modules))
 
 
 def check_overrides(policy: Policy | str, paths: Sequence[str]) -> None:

@@ -5,9 +5,10 @@ Grammar (a superset of jmp's)::
     SPEC     := BASE (';' OVERRIDE)*
     BASE     := PRESET | KEY '=' DTYPE (',' KEY '=' DTYPE)*
     OVERRIDE := PATTERN ':' KEY '=' DTYPE (',' KEY '=' DTYPE)*
-    KEY      := params | p | compute | c | output | o
+    KEY      := params | p | compute | c | output | o | matmul | m
     DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
-    PRESET   := fp32 | bf16 | fp16 | pure-bf16 | auto
+                (matmul: compute | fp8)
+    PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | auto
 
 Differences from ``jmp.get_policy``:
 
@@ -21,6 +22,10 @@ Differences from ``jmp.get_policy``:
   (``norm`` anywhere, in any case: ``LayerNorm_0``), an attention softmax (last part ``softmax``) or the final
   logits (last part ``logits``) compute in float32. A user override for such a path
   replaces the island, e.g. ``bf16;.*softmax:compute=bf16``.
+* ``matmul=fp8`` runs a module's dense matmuls with fp8 operands (E4M3 forward, E5M2 gradients,
+  current scaling: :mod:`jaxmp.fp8`), accumulating in float32. The islands, embeddings and output
+  heads stay out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16
+  with fp8 matmuls.
 """
 
 from __future__ import annotations
@@ -37,7 +42,16 @@ import numpy as np
 
 from jaxmp import hardware
 
-__all__ = ["Policy", "get_policy", "auto_policy", "parse_dtype", "dtype_name", "FP32_ISLANDS"]
+__all__ = [
+    "Policy",
+    "get_policy",
+    "auto_policy",
+    "parse_dtype",
+    "dtype_name",
+    "FP32_ISLANDS",
+    "FP8_EXCLUDED",
+    "MATMUL_MODES",
+]
 
 _DTYPE_NAMES: Mapping[str, Any] = {
     "float32": jnp.float32,
@@ -58,18 +72,33 @@ _KEYS: Mapping[str, str] = {
     "c": "compute_dtype",
     "output": "output_dtype",
     "o": "output_dtype",
+    "matmul": "matmul",
+    "m": "matmul",
 }
-_CANONICAL_KEY = {"param_dtype": "params", "compute_dtype": "compute", "output_dtype": "output"}
-_FIELDS = ("param_dtype", "compute_dtype", "output_dtype")
+_CANONICAL_KEY = {
+    "param_dtype": "params",
+    "compute_dtype": "compute",
+    "output_dtype": "output",
+    "matmul": "matmul",
+}
+_FIELDS = ("param_dtype", "compute_dtype", "output_dtype")  # the dtypes, as jmp.Policy holds them
+_ALL_FIELDS = (*_FIELDS, "matmul")
+# How a module's matmuls run: in its compute dtype, or with fp8 operands (E4M3 forward, E5M2
+# gradients, each tensor scaled by its own amax: jaxmp.fp8's current scaling).
+MATMUL_MODES = ("compute", "fp8")
 
 # Module paths that compute in float32 unless a user override matches them first.
 FP32_ISLANDS = re.compile(r"(?i:.*norm.*)|(.*/)?softmax|(.*/)?logits")  # Flax names norms LayerNorm_0
+# Module paths whose matmuls stay out of fp8 unless a user override asks: the islands, embeddings
+# and the output heads.
+FP8_EXCLUDED = re.compile(FP32_ISLANDS.pattern + r"|(?i:.*embed.*)|(.*/)?(lm_head|classifier|pooler)(/.*)?")
 
 _PRESETS: Mapping[str, str] = {
     "fp32": "params=float32,compute=float32,output=float32",
     "bf16": "params=float32,compute=bfloat16,output=float32",
     "fp16": "params=float32,compute=float16,output=float32",
     "pure-bf16": "params=bfloat16,compute=bfloat16,output=float32",
+    "fp8": "params=float32,compute=bfloat16,output=float32,matmul=fp8",
 }
 
 
@@ -92,8 +121,8 @@ def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
 
-def _parse_assignments(text: str, *, where: str) -> dict[str, np.dtype]:
-    """Parses ``key=dtype,key=dtype`` into ``{field: dtype}``."""
+def _parse_assignments(text: str, *, where: str) -> dict[str, Any]:
+    """Parses ``key=dtype,key=dtype`` into ``{field: dtype}`` (``matmul``: one of ``MATMUL_MODES``)."""
     if not text.strip():
         raise ValueError(f"empty {where}; expected key=dtype pairs with keys {', '.join(_KEYS)}")
     assignments: dict[str, np.dtype] = {}
@@ -105,8 +134,15 @@ def _parse_assignments(text: str, *, where: str) -> dict[str, np.dtype]:
         if field is None:
             raise ValueError(f"unknown key {key!r} in {where}; valid keys: {', '.join(_KEYS)}")
         if field in assignments:
-            raise ValueError(f"duplicate key {key!r} in {where}; give each of params/compute/output once")
-        assignments[field] = parse_dtype(value)
+            raise ValueError(
+                f"duplicate key {key!r} in {where}; give each of params/compute/output/matmul once"
+            )
+        if field == "matmul":
+            if value.lower() not in MATMUL_MODES:
+                raise ValueError(f"unknown matmul {value!r} in {where}; valid: {', '.join(MATMUL_MODES)}")
+            assignments[field] = value.lower()
+        else:
+            assignments[field] = parse_dtype(value)
     return assignments
 
 
@@ -118,13 +154,15 @@ class Policy:
       param_dtype: storage dtype of master parameters (numpy dtype).
       compute_dtype: dtype of activations and matmul inputs.
       output_dtype: dtype of model outputs and losses.
+      matmul: how matmuls run: ``compute`` (in the compute dtype) or ``fp8`` (see ``MATMUL_MODES``).
       overrides: ``((pattern, ((field, dtype), ...)), ...)`` in priority order.
     """
 
     param_dtype: np.dtype = np.dtype(np.float32)
     compute_dtype: np.dtype = np.dtype(np.float32)
     output_dtype: np.dtype = np.dtype(np.float32)
-    overrides: tuple[tuple[str, tuple[tuple[str, np.dtype], ...]], ...] = ()
+    matmul: str = "compute"
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @property
     def base(self) -> jmp.Policy:
@@ -142,12 +180,24 @@ class Policy:
         fields = {name: getattr(self, name) for name in _FIELDS}
         for number, (pattern, assignments) in enumerate(self.overrides, start=1):
             if re.fullmatch(pattern, path):
-                fields.update(assignments)
+                fields.update((field, value) for field, value in assignments if field in _FIELDS)
                 return _jmp_policy(**fields), f"override {number}"
         if FP32_ISLANDS.fullmatch(path):
             fields["compute_dtype"] = np.dtype(np.float32)
             return _jmp_policy(**fields), "island"
         return _jmp_policy(**fields), "base"
+
+    def matmul_for(self, path: str) -> str:
+        """How the matmuls of the module at ``path`` run (``compute`` or ``fp8``): the first matching
+        override's ``matmul`` if it names one, else ``compute`` for islands, embeddings and output heads
+        (``FP8_EXCLUDED``), else the base policy's."""
+        for pattern, assignments in self.overrides:
+            if re.fullmatch(pattern, path):
+                named = dict(assignments).get("matmul")
+                if named is not None:
+                    return named
+                break
+        return "compute" if FP8_EXCLUDED.fullmatch(path) else self.matmul
 
     def sets_output(self, path: str) -> bool:
         """Whether the override that decides ``path`` (if any) names its ``output`` dtype."""
@@ -187,9 +237,13 @@ class Policy:
 
     def __str__(self) -> str:
         base = ",".join(f"{_CANONICAL_KEY[f]}={dtype_name(getattr(self, f))}" for f in _FIELDS)
+        if self.matmul != "compute":
+            base += f",matmul={self.matmul}"
         parts = [base]
         for pattern, assignments in self.overrides:
-            body = ",".join(f"{_CANONICAL_KEY[f]}={dtype_name(d)}" for f, d in assignments)
+            body = ",".join(
+                f"{_CANONICAL_KEY[f]}={d if f == 'matmul' else dtype_name(d)}" for f, d in assignments
+            )
             parts.append(f"{pattern}:{body}")
         return ";".join(parts)
 
@@ -211,7 +265,7 @@ def _parse_override(text: str) -> tuple[str, tuple[tuple[str, np.dtype], ...]]:
             f"bad regular expression {pattern!r} in override ({error}); write a valid Python regex"
         ) from None
     assignments = _parse_assignments(body, where=f"override {text.strip()!r}")
-    ordered = tuple((field, assignments[field]) for field in _FIELDS if field in assignments)
+    ordered = tuple((field, assignments[field]) for field in _ALL_FIELDS if field in assignments)
     return pattern, ordered
 
 

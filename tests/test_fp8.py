@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import TINY_GPT2
 
+import jaxmp
+from jaxmp.data.corpus import read_corpus
 from jaxmp.fp8 import E4M3, E5M2, DelayedScale, current_scale, dequantize, fp8_dot, fp8_max, quantize
+from jaxmp.losses import lm_loss
 
 
 def reference_quantize(x, dtype, scale):
@@ -80,3 +84,99 @@ def test_delayed_scaling_follows_a_hand_computed_amax_history():
     assert [leaf.dtype for leaf in leaves] == [jnp.float32, jnp.float32, jnp.int32]  # a checkpointable pytree
     with pytest.raises(ValueError, match="`history` must be >= 1"):
         DelayedScale.create(history=0)
+
+
+# --------------------------------------------------------------------------------------- in the policy
+
+
+def test_the_policy_says_which_matmuls_run_in_fp8():
+    policy = jaxmp.get_policy("fp8;.*fc_out:matmul=compute;.*norm1:matmul=fp8")
+    assert str(policy) == (
+        "params=float32,compute=bfloat16,output=float32,matmul=fp8;.*fc_out:matmul=compute;.*norm1:matmul=fp8"
+    )
+    assert jaxmp.get_policy(str(policy)) == policy
+    matmuls = {path: policy.matmul_for(path) for path in (
+        "blocks_0/attn/query", "blocks_0/mlp/fc_in", "blocks_0/mlp/fc_out", "token_embed", "lm_head",
+        "lm_head/logits", "blocks_0/norm2", "blocks_0/norm1", "blocks_0/attn/softmax",
+    )}  # fmt: skip
+    assert matmuls == {
+        "blocks_0/attn/query": "fp8",
+        "blocks_0/mlp/fc_in": "fp8",
+        "blocks_0/mlp/fc_out": "compute",  # override 1
+        "token_embed": "compute",  # embeddings, heads, islands: out of fp8 by default
+        "lm_head": "compute",
+        "lm_head/logits": "compute",
+        "blocks_0/norm2": "compute",
+        "blocks_0/norm1": "fp8",  # an override may bring an island in
+        "blocks_0/attn/softmax": "compute",
+    }
+    assert jaxmp.get_policy("bf16").matmul_for("blocks_0/attn/query") == "compute"
+    for spec, named in (
+        ("bf16;.*:matmul=fp16", "unknown matmul 'fp16'"),
+        ("params=float32,matmul=fp8,m=fp8", "duplicate key"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            jaxmp.get_policy(spec)
+
+
+def conversions(jaxpr, dtype) -> int:
+    """How many ``convert_element_type`` to ``dtype`` the traced program holds (sub-jaxprs included)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == dtype:
+            count += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    count += conversions(sub.jaxpr, dtype)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    count += conversions(sub, dtype)
+    return count
+
+
+def tiny_gpt2(policy):
+    return jaxmp.models.get_model("gpt2-tiny", policy, **TINY_GPT2)
+
+
+def lm_step(policy, steps=10):
+    model = tiny_gpt2(policy)
+    params = jaxmp.models.init_params(tiny_gpt2("fp32"), jax.random.key(0), 16)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        return lm_loss(model.apply({"params": params}, batch["input_ids"]).logits, batch["targets"]), {}
+
+    optimizer = jaxmp.make_optimizer(learning_rate=3e-3, warmup_steps=5, total_steps=steps)
+    state = jaxmp.TrainState.create(params=params, optimizer=optimizer)
+    return jaxmp.make_train_step(loss_fn, optimizer, policy, cast_params=False), state
+
+
+def shakespeare_batches(count, size=16, length=32):
+    text = np.frombuffer("".join(read_corpus(None).documents())[:100_000].encode(), np.uint8).astype(np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+        windows = np.stack([text[s : s + length + 1] for s in rng.integers(0, len(text) - length - 1, size)])
+        yield {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def test_fp8_matmuls_are_where_the_policy_puts_them():
+    step, state = lm_step("fp8;.*fc_out:matmul=compute")
+    jaxpr = jax.make_jaxpr(step)(state, next(shakespeare_batches(1))).jaxpr
+    dense = TINY_GPT2["n_layers"] * 6  # query, key, value, out, fc_in, fc_out per block
+    fp8_dense = dense - TINY_GPT2["n_layers"]  # fc_out stays in bf16
+    assert conversions(jaxpr, E4M3) == 2 * fp8_dense  # both operands of every fp8 forward dot
+    assert conversions(jaxpr, E5M2) == fp8_dense  # every fp8 dot's output gradient
+    step, state = lm_step("bf16")
+    assert conversions(jax.make_jaxpr(step)(state, next(shakespeare_batches(1))).jaxpr, E4M3) == 0
+
+
+def test_the_fp8_preset_trains_like_bf16():
+    losses = {}
+    for policy in ("bf16", "fp8"):
+        step, state = lm_step(policy, steps=120)
+        for batch in shakespeare_batches(120):
+            state, metrics = step(state, batch)
+        losses[policy] = float(metrics["loss"])
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+    assert losses["bf16"] < 3.5  # it learned (ln 256 = 5.5 at the start)
+    assert abs(losses["fp8"] / losses["bf16"] - 1) < 0.03, losses

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
-from jaxmp import fastdot
+from jaxmp import fastdot, fp8
 from jaxmp.module_policy import resolve_subpath
 from jaxmp.precision import Policy
 
@@ -120,7 +120,10 @@ class Dense(PolicyModule):
         kernel_KxF = self.param(
             "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features), self.param_dtype
         )
-        y = fastdot.matmul(x_BxLxK.astype(self.dtype), kernel_KxF)  # fp32 accumulation
+        if self.policy.matmul_for(self.module_path) == "fp8":  # E4M3 operands, fp32 accumulation
+            y = fp8.fp8_dot_current_scaling(x_BxLxK.astype(self.dtype), kernel_KxF)
+        else:
+            y = fastdot.matmul(x_BxLxK.astype(self.dtype), kernel_KxF)  # fp32 accumulation
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + _last_axis(bias_F.astype(self.dtype), y.ndim)
