@@ -141,7 +141,8 @@ BAD_SPECS = [
     ("params=float32,,compute=bf16", "key=dtype"),
     ("params", "params"),
     ("bf17", "bf17"),
-    ("fp8", "fp8"),
+    ("fp4", "fp4"),
+    ("params=fp8", "fp8"),  # fp8 is a matmul mode (matmul=fp8), not a storage dtype
     ("params:float32", "params:float32"),
     ("bf16;.*norm.*", "no ':'"),
     ("bf16;[unclosed:compute=float32", "regular expression"),
