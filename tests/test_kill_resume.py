@@ -10,6 +10,7 @@ records (all but the wall-clock ``tokens_per_s``), the TensorBoard points it sho
 themselves) must equal the uninterrupted run's.
 """
 
+import concurrent.futures
 import json
 import os
 import random
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 from helpers import run_params, tensorboard_scalars
 
 from jaxmp.checkpoint import Checkpointer
@@ -107,10 +107,9 @@ def comparable_summary(out: Path) -> dict:
     return {k: v for k, v in summary.items() if k not in TIMINGS}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment sharing one compilation cache, so restarts skip recompiling."""
-    cache = tmp_path_factory.mktemp("jax_cache")
+def chain_env(cache: Path) -> dict:
+    """Subprocess environment with a compilation cache of the chain's own, so restarts skip
+    recompiling and chains running side by side never write one cache entry at once."""
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -177,11 +176,16 @@ def run_chain(tmp_path: Path, env: dict, model_dir: Path, combo: tuple) -> list[
     return delivered
 
 
-def test_twenty_kills_then_resumes_end_bitwise_equal(tmp_path, env, tiny_lm_dir):
-    delivered = []
-    for index, combo in enumerate(COMBOS):
-        folder = tmp_path / f"combo{index}"
-        folder.mkdir()
-        delivered += run_chain(folder, env, tiny_lm_dir, combo)
+def test_twenty_kills_then_resumes_end_bitwise_equal(tmp_path, tiny_lm_dir):
+    folders = [tmp_path / f"combo{index}" for index in range(len(COMBOS))]
+    for folder in folders:
+        (folder / "jax_cache").mkdir(parents=True)
+    # The chains are independent: they run side by side (each process mostly waits on imports and disk).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(COMBOS)) as pool:
+        chains = [
+            pool.submit(run_chain, folder, chain_env(folder / "jax_cache"), tiny_lm_dir, combo)
+            for folder, combo in zip(folders, COMBOS, strict=True)
+        ]
+        delivered = [signum for chain in chains for signum in chain.result()]
     assert len(delivered) >= 20, f"only {len(delivered)} kills landed before the runs ended"
     assert set(delivered) == set(SIGNALS)
