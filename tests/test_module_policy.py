@@ -132,7 +132,7 @@ def test_gradients_are_float32_and_the_loss_and_outputs_float32():
         with jaxmp.linen_policy(OVERRIDE):
             return loss_fn(jaxmp.cast_params_per_module(params, OVERRIDE), batch(), None)
 
-    (value, a_logit), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, a_logit), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     assert value.dtype == jnp.float32 and a_logit.dtype == jnp.float32  # the model's output: policy output
     assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(grads))
