@@ -77,3 +77,17 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 scalars[value.tag].append((event.step, value.simple_value))
     return dict(scalars)
+
+
+def equations(jaxpr) -> list:
+    """Every equation of ``jaxpr`` and of the jaxprs inside it (scan, remat, pjit, custom VJPs)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += equations(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += equations(sub)
+    return found

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import TINY_GPT2
+from helpers import TINY_GPT2, equations
 
 import jaxmp
 from jaxmp.data.corpus import read_corpus
@@ -121,17 +121,10 @@ def test_the_policy_says_which_matmuls_run_in_fp8():
 
 def conversions(jaxpr, dtype) -> int:
     """How many ``convert_element_type`` to ``dtype`` the traced program holds (sub-jaxprs included)."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == dtype:
-            count += 1
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    count += conversions(sub.jaxpr, dtype)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    count += conversions(sub, dtype)
-    return count
+    return sum(
+        eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == dtype
+        for eqn in equations(jaxpr)
+    )
 
 
 def tiny_gpt2(policy):

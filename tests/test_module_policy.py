@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import equations
 from user_models import NnxLM, TinyLM
 
 import jaxmp
@@ -20,23 +21,17 @@ OVERRIDE = "bf16;.*attention.*:compute=float32"
 VOCAB, LENGTH = 64, 16
 
 
-def equations(jaxpr, primitive: str) -> list[tuple[str, tuple[str, ...]]]:
+def operand_dtypes(jaxpr, primitive: str) -> list[tuple[str, tuple[str, ...]]]:
     """``(name stack, operand dtypes)`` of every ``primitive`` equation in ``jaxpr``, sub-jaxprs included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == primitive:
-            found.append((str(eqn.source_info.name_stack), tuple(str(v.aval.dtype) for v in eqn.invars)))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    found += equations(sub.jaxpr, primitive)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    found += equations(sub, primitive)
-    return found
+    return [
+        (str(eqn.source_info.name_stack), tuple(str(v.aval.dtype) for v in eqn.invars))
+        for eqn in equations(jaxpr)
+        if eqn.primitive.name == primitive
+    ]
 
 
 def dots(jaxpr) -> list[tuple[str, tuple[str, ...]]]:
-    return equations(jaxpr, "dot_general")
+    return operand_dtypes(jaxpr, "dot_general")
 
 
 def batch(seed: int = 0, size: int = 4) -> dict:

@@ -71,8 +71,7 @@ class RunDir:
         """
         run_dir = cls.__new__(cls)
         run_dir._bind(path, resume=False, overwrite=False)
-        if run_dir.saved_config is None:
-            raise UsageError(f"{run_dir.path} holds no jaxmp run (no config.json written by jaxmp)")
+        run_dir._saved()
         return run_dir
 
     def _bind(self, path: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
@@ -89,15 +88,17 @@ class RunDir:
         Raises:
           UsageError: no run here, or a ``config.json`` this jaxmp cannot read back.
         """
-        if self.saved_config is None:
-            raise UsageError(f"{self.path} holds no jaxmp run (no config.json written by jaxmp)")
-        return TrainConfig(**config_values(self.saved_config, str(self.config_path)))
+        return TrainConfig(**config_values(self._saved(), str(self.config_path)))
 
     def identity(self) -> dict[str, Any]:
         """What the run trained: its ``model``, ``tokenizer`` and ``task`` names (see ``jaxmp.training.tasks``)."""
+        return self._saved()["identity"]
+
+    def _saved(self) -> dict[str, Any]:
+        """The run's ``config.json`` record; ``UsageError`` when jaxmp wrote none here."""
         if self.saved_config is None:
             raise UsageError(f"{self.path} holds no jaxmp run (no config.json written by jaxmp)")
-        return self.saved_config["identity"]
+        return self.saved_config
 
     @property
     def config_path(self) -> Path:
