@@ -101,7 +101,7 @@ def test_cli_evaluates_a_run_on_its_validation_split(tmp_path, capsys):
     [
         (["--model", "{hf}", "--tokenizer", "byte"], "--data FILE is required"),
         (["--model", "{hf}", "--tokenizer", "byte", "--data", "/no/such.txt"], "is not a file"),
-        (["--model", "{hf}", "--tokenizer", "byte", "--data", "{text}", "--policies", "fp32,fp8"], "'fp8'"),
+        (["--model", "{hf}", "--tokenizer", "byte", "--data", "{text}", "--policies", "fp32,fp4"], "'fp4'"),
         (
             ["--model", "{hf}", "--tokenizer", "byte", "--data", "{text}", "--seq-len", "5000"],
             "--seq-len must be",
