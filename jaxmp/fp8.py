@@ -36,6 +36,9 @@ __all__ = [
     "current_scale",
     "fp8_dot",
     "fp8_dot_current_scaling",
+    "fp8_dot_general",
+    "quantize_current",
+    "e5m2_gradient",
     "DelayedScale",
 ]
 
@@ -158,6 +161,51 @@ def _current_bwd(residuals, g):
 
 
 fp8_dot_current_scaling.defvjp(_current_fwd, _current_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def quantize_current(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` sent to ``dtype`` with its own current scale and back, in float32; the gradient passes
+    straight through (differentiating the cast itself would round the gradient to ``dtype``)."""
+    scale = current_scale(x, dtype)
+    return dequantize(quantize(x, dtype, scale), scale)
+
+
+def _quantize_current_fwd(x, dtype):
+    return quantize_current(x, dtype), jnp.zeros((0,), x.dtype)  # residuals must be arrays
+
+
+def _quantize_current_bwd(dtype, like, g):
+    del dtype
+    return (g.astype(like.dtype),)
+
+
+quantize_current.defvjp(_quantize_current_fwd, _quantize_current_bwd)
+
+
+@jax.custom_vjp
+def e5m2_gradient(y: jax.Array) -> jax.Array:
+    """The identity, whose backward pass quantises the incoming gradient to E5M2 (current scaling)."""
+    return y
+
+
+e5m2_gradient.defvjp(lambda y: (y, None), lambda _, g: (quantize_current(g, E5M2).astype(g.dtype),))
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """A drop-in ``jax.lax.dot_general`` with fp8 operands: both quantised to E4M3 with current
+    scaling, a float32 dot, the output gradient quantised to E5M2; the result in
+    ``preferred_element_type`` (default: ``lhs``'s dtype). What NNX layers with an fp8 ``matmul``
+    get as their ``dot_general`` (:func:`jaxmp.nnx_with_policy`)."""
+    out = jax.lax.dot_general(
+        quantize_current(lhs, E4M3),
+        quantize_current(rhs, E4M3),
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+        **kwargs,
+    )
+    return e5m2_gradient(out).astype(preferred_element_type or lhs.dtype)
 
 
 @flax.struct.dataclass

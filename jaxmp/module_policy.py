@@ -39,6 +39,7 @@ import jmp
 import numpy as np
 from flax import nnx
 
+from jaxmp import fp8
 from jaxmp.precision import Policy, dtype_name, get_policy
 
 __all__ = [
@@ -175,13 +176,17 @@ def linen_policy(policy: Policy | str) -> Iterator[None]:
 
 def nnx_with_policy(model: nnx.Module, policy: Policy | str) -> nnx.Module:
     """A copy of ``model`` whose every layer with a ``dtype`` attribute computes in the compute dtype
-    ``policy`` gives its path. Params are shared in value, not changed; cast them per module in the
-    loss (``make_train_step(..., cast_params="per_module")``)."""
+    ``policy`` gives its path, and whose layers with a ``dot_general`` (``nnx.Linear``,
+    ``nnx.LinearGeneral``, ...) run fp8 dots where the policy's ``matmul`` is ``fp8``
+    (:func:`jaxmp.fp8.fp8_dot_general`). Params are shared in value, not changed; cast them per
+    module in the loss (``make_train_step(..., cast_params="per_module")``)."""
     policy = get_policy(policy)
     copy = nnx.clone(model)
     for path, module in nnx.iter_modules(copy):
         if hasattr(module, "dtype"):
             module.dtype = policy.for_module(_nnx_path(path)).compute_dtype
+        if hasattr(module, "dot_general") and policy.matmul_for(_nnx_path(path)) == "fp8":
+            module.dot_general = fp8.fp8_dot_general
     return copy
 
 
@@ -224,7 +229,8 @@ def model_forward(model: nn.Module | nnx.Module, policy: Policy | str) -> Callab
 @dataclasses.dataclass(frozen=True)
 class ModuleRow:
     """What one module gets. Dtypes are names (``float32``); ``matmul`` is ``compute`` or ``fp8`` for
-    jaxmp's ``Dense`` layers (:meth:`jaxmp.Policy.matmul_for`), ``—`` for others; ``rule`` is ``base``,
+    layers whose matmuls can run in fp8 (jaxmp's ``Dense``, NNX's ``Linear``...; see
+    :meth:`jaxmp.Policy.matmul_for`), ``—`` for others; ``rule`` is ``base``,
     ``island`` or ``override N``; ``kind`` is the module's class name."""
 
     path: str
@@ -258,7 +264,7 @@ class PolicyTable:
         return "\n".join([f"policy {self.policy}", *lines])
 
 
-def _row(policy: Policy, path: str, kind: str, fp8_capable: bool) -> ModuleRow:
+def _row(policy: Policy, path: str, kind: str, fp8_kinds: frozenset[str]) -> ModuleRow:
     module, rule = policy.resolve(path)
     output = module.output_dtype if (path == "" or policy.sets_output(path)) else module.compute_dtype
     return ModuleRow(
@@ -268,7 +274,7 @@ def _row(policy: Policy, path: str, kind: str, fp8_capable: bool) -> ModuleRow:
         dtype_name(module.compute_dtype),
         dtype_name(output),
         rule,
-        policy.matmul_for(path) if fp8_capable and kind == "Dense" else "—",
+        policy.matmul_for(path) if kind in fp8_kinds else "—",
     )
 
 
@@ -322,8 +328,22 @@ def describe_policy(model: nn.Module | nnx.Module, policy: Policy | str, *exampl
     policy = get_policy(policy)
     modules = module_paths(model, *example_args)
     check_overrides(policy, [path for path, _ in modules])
-    fp8_capable = is_jaxmp_model(model)  # fp8 matmuls: jaxmp's Dense layers (users' models: not yet)
-    return PolicyTable(str(policy), tuple(_row(policy, path, kind, fp8_capable) for path, kind in modules))
+    # The layers whose matmuls can run in fp8: jaxmp's Dense; NNX's layers that take a dot_general.
+    # (A user's Linen layers cannot yet: interception cannot change their dot_general.)
+    if is_jaxmp_model(model):
+        fp8_kinds = frozenset({"Dense"})
+    elif isinstance(model, nnx.Module):
+        fp8_kinds = frozenset(kind for path, kind in modules if _has_dot_general(model, path))
+    else:
+        fp8_kinds = frozenset()
+    return PolicyTable(str(policy), tuple(_row(policy, path, kind, fp8_kinds) for path, kind in modules))
+
+
+def _has_dot_general(model: nnx.Module, path: str) -> bool:
+    return any(
+        _nnx_path(where) == path and hasattr(module, "dot_general")
+        for where, module in nnx.iter_modules(model)
+    )
 
 
 def check_overrides(policy: Policy | str, paths: Sequence[str]) -> None:

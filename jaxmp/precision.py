@@ -91,7 +91,9 @@ MATMUL_MODES = ("compute", "fp8")
 FP32_ISLANDS = re.compile(r"(?i:.*norm.*)|(.*/)?softmax|(.*/)?logits")  # Flax names norms LayerNorm_0
 # Module paths whose matmuls stay out of fp8 unless a user override asks: the islands, embeddings
 # and the output heads.
-FP8_EXCLUDED = re.compile(FP32_ISLANDS.pattern + r"|(?i:.*embed.*)|(.*/)?(lm_head|classifier|pooler)(/.*)?")
+FP8_EXCLUDED = re.compile(
+    FP32_ISLANDS.pattern + r"|(?i:.*embed.*)|(.*/)?(lm_head|head|classifier|pooler)(/.*)?"
+)
 
 _PRESETS: Mapping[str, str] = {
     "fp32": "params=float32,compute=float32,output=float32",

@@ -10,7 +10,17 @@ from helpers import TINY_GPT2, equations
 
 import jaxmp
 from jaxmp.data.corpus import read_corpus
-from jaxmp.fp8 import E4M3, E5M2, DelayedScale, current_scale, dequantize, fp8_dot, fp8_max, quantize
+from jaxmp.fp8 import (
+    E4M3,
+    E5M2,
+    DelayedScale,
+    current_scale,
+    dequantize,
+    fp8_dot,
+    fp8_dot_general,
+    fp8_max,
+    quantize,
+)
 from jaxmp.losses import lm_loss
 
 
@@ -173,3 +183,51 @@ def test_the_fp8_preset_trains_like_bf16():
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
     assert losses["bf16"] < 3.5  # it learned (ln 256 = 5.5 at the start)
     assert abs(losses["fp8"] / losses["bf16"] - 1) < 0.03, losses
+
+
+def test_fp8_dot_general_is_a_drop_in_with_fp8_operands_and_gradients():
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    x = (jax.random.normal(kx, (4, 16)) * 3.0).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (16, 8)) * 0.2
+    g = jax.random.normal(kg, (4, 8)) * 1e-2
+    numbers = (((1,), (0,)), ((), ()))
+    out, vjp = jax.vjp(lambda x, w: fp8_dot_general(x, w, numbers), x, w)
+    dx, dw = vjp(g.astype(jnp.bfloat16))
+    xq = reference_quantize(x.astype(np.float32), E4M3, current_scale(x, E4M3))
+    wq = reference_quantize(w, E4M3, current_scale(w, E4M3))
+    gq = reference_quantize(
+        g.astype(jnp.bfloat16).astype(np.float32), E5M2, current_scale(g.astype(jnp.bfloat16), E5M2)
+    )
+    assert out.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    np.testing.assert_allclose(
+        out.astype(np.float32), (xq @ wq).astype(jnp.bfloat16).astype(np.float32), rtol=1e-2
+    )
+    np.testing.assert_allclose(dw, xq.T @ gq, rtol=1e-5, atol=1e-6 * float(np.abs(xq.T @ gq).max()))
+    np.testing.assert_allclose(
+        dx.astype(np.float32), gq @ wq.T, rtol=1e-2, atol=1e-2 * float(np.abs(gq @ wq.T).max())
+    )
+
+
+def test_nnx_layers_run_fp8_dots_where_the_policy_says():
+    from flax import nnx
+    from user_models import NnxLM
+
+    def step_jaxpr(policy):
+        model = jaxmp.nnx_with_policy(NnxLM(vocab=256, rngs=nnx.Rngs(0)), policy)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss_fn(params, batch, rng):
+            del rng
+            return lm_loss(nnx.merge(graphdef, params)(batch["input_ids"]), batch["targets"]), {}
+
+        optimizer = jaxmp.make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10)
+        state = jaxmp.TrainState.create(params=params, optimizer=optimizer)
+        step = jaxmp.make_train_step(loss_fn, optimizer, policy, cast_params="per_module", jit=False)
+        return jax.make_jaxpr(step)(state, next(shakespeare_batches(1, size=2, length=8))).jaxpr
+
+    layers = NnxLM.num_blocks * 6  # q, k, v, out, up, down per block; the head stays out of fp8
+    jaxpr = step_jaxpr("fp8")
+    assert (conversions(jaxpr, E4M3), conversions(jaxpr, E5M2)) == (2 * layers, layers)
+    jaxpr = step_jaxpr("fp8;.*mlp.*:matmul=compute")
+    assert (conversions(jaxpr, E4M3), conversions(jaxpr, E5M2)) == (2 * (layers - 4), layers - 4)
+    assert conversions(step_jaxpr("bf16"), E4M3) == 0
