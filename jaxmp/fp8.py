@@ -8,7 +8,8 @@ The building blocks of FP8 training, as Transformer Engine defines them:
   to its largest value (a plain cast would give NaN for E4M3 and inf for E5M2);
 * :func:`fp8_dot` multiplies two such tensors, accumulating in float32, and in its backward pass
   quantises the incoming gradient to E5M2 before both gradient dots. Its scales are arguments,
-  so the caller decides how they are found;
+  so the caller decides how they are found; :func:`fp8_dot_general` is the same with current
+  scaling, as a drop-in ``jax.lax.dot_general``;
 * **current scaling** computes a tensor's scale from its own amax (:func:`current_scale`);
 * **delayed scaling** (:class:`DelayedScale`) uses the scale computed from an amax history of the
   previous steps and then records the current amax: ``scale = max_fp8 / max(history) / 2**margin``.
@@ -35,7 +36,6 @@ __all__ = [
     "dequantize",
     "current_scale",
     "fp8_dot",
-    "fp8_dot_current_scaling",
     "fp8_dot_general",
     "quantize_current",
     "e5m2_gradient",
@@ -116,51 +116,15 @@ def _fp8_dot_fwd(x, w, x_scale, w_scale, g_scale):
     return out, (x_q, w_q, x_scale, w_scale, g_scale, dtypes)
 
 
-def _fp8_grads(x_q, w_q, g, g_scale, x_like, w_like):
-    """``(dx, dw)`` from the E5M2-quantised output gradient and the quantised operands."""
-    g_q = dequantize(quantize(g, E5M2, g_scale), g_scale)
-    dx = _dot(g_q, w_q.T).astype(x_like.dtype)
-    x_rows = x_q.reshape(-1, x_q.shape[-1])
-    dw = _dot(x_rows.T, g_q.reshape(-1, g_q.shape[-1])).astype(w_like.dtype)
-    return dx, dw
-
-
 def _fp8_dot_bwd(residuals, g):
     x_q, w_q, x_scale, w_scale, g_scale, (x_like, w_like) = residuals
-    dx, dw = _fp8_grads(x_q, w_q, g, g_scale, x_like, w_like)
+    g_q = dequantize(quantize(g, E5M2, g_scale), g_scale)
+    dx = _dot(g_q, w_q.T).astype(x_like.dtype)
+    dw = _dot(x_q.reshape(-1, x_q.shape[-1]).T, g_q.reshape(-1, g_q.shape[-1])).astype(w_like.dtype)
     return dx, dw, jnp.zeros_like(x_scale), jnp.zeros_like(w_scale), jnp.zeros_like(g_scale)
 
 
 fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
-
-
-@jax.custom_vjp
-def fp8_dot_current_scaling(x: jax.Array, w: jax.Array) -> jax.Array:
-    """:func:`fp8_dot` with current scaling: each operand scaled by its own amax in the forward
-    pass, the output gradient by its own in the backward pass. Stateless, so it is exact under
-    accumulation, sharding (the amax of a sharded array is global) and resumption.
-
-    Args:
-      x: ``[..., K]``, any float dtype; ``dx`` comes back in it.
-      w: ``[K, N]``; ``dw`` comes back in its dtype.
-
-    Returns:
-      float32 ``[..., N]``.
-    """
-    return _fp8_forward(x, w, current_scale(x, E4M3), current_scale(w, E4M3))[0]
-
-
-def _current_fwd(x, w):
-    out, (x_q, w_q) = _fp8_forward(x, w, current_scale(x, E4M3), current_scale(w, E4M3))
-    return out, (x_q, w_q, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-
-
-def _current_bwd(residuals, g):
-    x_q, w_q, x_like, w_like = residuals
-    return _fp8_grads(x_q, w_q, g, current_scale(g, E5M2), x_like, w_like)
-
-
-fp8_dot_current_scaling.defvjp(_current_fwd, _current_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -107,10 +107,8 @@ def module_path_of(key_path: Sequence[Any]) -> str:
     The last component (the param's name) is dropped, and so is a leading ``params`` (the Linen
     collection, when the whole variables dict is passed) and NNX's ``.value``.
     """
-    names = [name for name in map(_key_name, key_path) if name is not None]
-    if names and names[0] == "params":
-        names = names[1:]
-    return "/".join(names[:-1])
+    names = leaf_path_of(key_path).split("/")
+    return "/".join(names[1:-1] if names[0] == "params" else names[:-1])
 
 
 def cast_params_per_module(params: Any, policy: Policy | str, to: str = "compute") -> Any:
@@ -264,7 +262,7 @@ class PolicyTable:
         return "\n".join([f"policy {self.policy}", *lines])
 
 
-def _row(policy: Policy, path: str, kind: str, fp8_kinds: frozenset[str]) -> ModuleRow:
+def _row(policy: Policy, path: str, kind: str, fp8_capable: bool) -> ModuleRow:
     module, rule = policy.resolve(path)
     output = module.output_dtype if (path == "" or policy.sets_output(path)) else module.compute_dtype
     return ModuleRow(
@@ -274,7 +272,7 @@ def _row(policy: Policy, path: str, kind: str, fp8_kinds: frozenset[str]) -> Mod
         dtype_name(module.compute_dtype),
         dtype_name(output),
         rule,
-        policy.matmul_for(path) if kind in fp8_kinds else "—",
+        policy.matmul_for(path) if fp8_capable else "—",
     )
 
 
@@ -331,18 +329,15 @@ def describe_policy(model: nn.Module | nnx.Module, policy: Policy | str, *exampl
     # The layers whose matmuls can run in fp8: jaxmp's Dense; NNX's layers that take a dot_general.
     # (A user's Linen layers cannot yet: interception cannot change their dot_general.)
     if is_jaxmp_model(model):
-        fp8_kinds = frozenset({"Dense"})
+        fp8_paths = {path for path, kind in modules if kind == "Dense"}
     elif isinstance(model, nnx.Module):
-        fp8_kinds = frozenset(kind for path, kind in modules if _has_dot_general(model, path))
+        fp8_paths = {
+            _nnx_path(path) for path, module in nnx.iter_modules(model) if hasattr(module, "dot_general")
+        }
     else:
-        fp8_kinds = frozenset()
-    return PolicyTable(str(policy), tuple(_row(policy, path, kind, fp8_kinds) for path, kind in modules))
-
-
-def _has_dot_general(model: nnx.Module, path: str) -> bool:
-    return any(
-        _nnx_path(where) == path and hasattr(module, "dot_general")
-        for where, module in nnx.iter_modules(model)
+        fp8_paths = set()
+    return PolicyTable(
+        str(policy), tuple(_row(policy, path, kind, path in fp8_paths) for path, kind in modules)
     )
 
 

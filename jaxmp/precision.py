@@ -180,33 +180,35 @@ class Policy:
         (the N-th override as written, from 1; the first that matches wins), ``"island"`` (an fp32
         island: compute in float32) or ``"base"``."""
         fields = {name: getattr(self, name) for name in _FIELDS}
-        for number, (pattern, assignments) in enumerate(self.overrides, start=1):
-            if re.fullmatch(pattern, path):
-                fields.update((field, value) for field, value in assignments if field in _FIELDS)
-                return _jmp_policy(**fields), f"override {number}"
+        number, assignments = self._override_for(path)
+        if number:
+            fields.update((field, value) for field, value in assignments.items() if field in _FIELDS)
+            return _jmp_policy(**fields), f"override {number}"
         if FP32_ISLANDS.fullmatch(path):
             fields["compute_dtype"] = np.dtype(np.float32)
             return _jmp_policy(**fields), "island"
         return _jmp_policy(**fields), "base"
 
+    def _override_for(self, path: str) -> tuple[int, dict[str, Any]]:
+        """The number (from 1) and assignments of the first override matching ``path``; ``(0, {})``
+        when none does."""
+        for number, (pattern, assignments) in enumerate(self.overrides, start=1):
+            if re.fullmatch(pattern, path):
+                return number, dict(assignments)
+        return 0, {}
+
     def matmul_for(self, path: str) -> str:
         """How the matmuls of the module at ``path`` run (``compute`` or ``fp8``): the first matching
         override's ``matmul`` if it names one, else ``compute`` for islands, embeddings and output heads
         (``FP8_EXCLUDED``), else the base policy's."""
-        for pattern, assignments in self.overrides:
-            if re.fullmatch(pattern, path):
-                named = dict(assignments).get("matmul")
-                if named is not None:
-                    return named
-                break
+        named = self._override_for(path)[1].get("matmul")
+        if named is not None:
+            return named
         return "compute" if FP8_EXCLUDED.fullmatch(path) else self.matmul
 
     def sets_output(self, path: str) -> bool:
         """Whether the override that decides ``path`` (if any) names its ``output`` dtype."""
-        for pattern, assignments in self.overrides:
-            if re.fullmatch(pattern, path):
-                return any(field == "output_dtype" for field, _ in assignments)
-        return False
+        return "output_dtype" in self._override_for(path)[1]
 
     @property
     def compute_dtypes(self) -> frozenset[np.dtype]:

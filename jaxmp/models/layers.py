@@ -121,7 +121,10 @@ class Dense(PolicyModule):
             "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features), self.param_dtype
         )
         if self.policy.matmul_for(self.module_path) == "fp8":  # E4M3 operands, fp32 accumulation
-            y = fp8.fp8_dot_current_scaling(x_BxLxK.astype(self.dtype), kernel_KxF)
+            contract = (((x_BxLxK.ndim - 1,), (0,)), ((), ()))
+            y = fp8.fp8_dot_general(
+                x_BxLxK.astype(self.dtype), kernel_KxF, contract, preferred_element_type=jnp.float32
+            )
         else:
             y = fastdot.matmul(x_BxLxK.astype(self.dtype), kernel_KxF)  # fp32 accumulation
         if self.use_bias:
