@@ -54,7 +54,7 @@ def _train(argv: list[str] | None) -> int:
         print_to_stderr(f"{parser.prog}: {error}")
         return 128 + error.signum
     summary = result.summary
-    params = distributed.to_host(result.state.params)  # multi-host: a whole copy in every process
+    params = result.host_params  # multi-host: a whole copy in every process (the export's, if any)
     if not distributed.is_primary():  # process 0 alone reports, exports and samples
         return 0 if result.interrupted_by is None else 128 + result.interrupted_by
     print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=2))

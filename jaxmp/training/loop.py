@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
+import functools
 import os
 import sys
 import time
@@ -73,6 +74,11 @@ class RunResult:
     run_dir: RunDir
     interrupted_by: int | None = None  # the signal number that stopped the run early
     train_step: Callable | None = None  # the jitted step (its ``.lower(...).compile()`` is cached)
+
+    @functools.cached_property
+    def host_params(self) -> Any:
+        """The trained params, whole, on the host. Multi-host: a collective; every process reads it."""
+        return distributed.to_host(self.state.params)
 
 
 def run(
@@ -152,7 +158,7 @@ def _export(config: TrainConfig, result: RunResult, log: Callable[[str], None]) 
     """Writes the trained model and its tokenizer to ``config.export_hf`` as a Hugging Face directory."""
     from jaxmp import hf
 
-    params = distributed.to_host(result.state.params)  # multi-host: every process takes part
+    params = result.host_params  # multi-host: every process takes part
     if distributed.is_primary():
         tokenizer = export_tokenizer(config, result.task)
         hf.save_pretrained(result.task.model, params, config.export_hf, tokenizer=tokenizer)
