@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp import models, scaling
+from jaxmp import fp8, models, scaling
+from jaxmp.fp8_report import Fp8Tensor, fp8_report
 from jaxmp.losses import lm_loss_of
 from jaxmp.module_policy import cast_params_per_module, is_jaxmp_model, leaf_path_of, model_forward
 from jaxmp.precision import Policy, get_policy
@@ -225,6 +226,8 @@ class Diagnosis:
       histograms: parameter-gradient histograms at loss scale 1 and at ``loss_scale`` (at
         ``recommended_loss_scale`` instead when ``loss_scale`` is 1, to show what scaling would do).
       uses_float16: whether the policy stores or computes anything in float16.
+      fp8: per fp8 dot and tensor, the fractions that saturate and underflow at their scales, at
+        ``loss_scale`` (:mod:`jaxmp.fp8_report`); empty when no dot is fp8.
     """
 
     policy: str
@@ -234,6 +237,7 @@ class Diagnosis:
     entries: list[Entry]
     histograms: tuple[Histogram, Histogram]
     uses_float16: bool
+    fp8: list[Fp8Tensor] = dataclasses.field(default_factory=list)
 
     def at_risk(self, top: int = 10) -> list[Entry]:
         """The ``top`` entries most hurt by the policy.
@@ -295,6 +299,7 @@ class Diagnosis:
                 }
                 for h in self.histograms
             ],
+            "fp8": [tensor.to_json() for tensor in self.fp8],
         }
 
 
@@ -316,13 +321,16 @@ class _Runner:
     """Runs the fp32 and the policy model's forward and backward passes over the batches."""
 
     def __init__(self, model: Any, params: Any, policy: Policy, batches: list[dict], loss_fn: Callable):
+        self.scanned = is_jaxmp_model(model) and model.config.scan_layers
         if is_jaxmp_model(model):
             # Intercepted outputs cannot leave nn.scan or nn.remat: run the same params layer by layer.
             config = dataclasses.replace(model.config, remat=False, scan_layers=False)
             if model.config.scan_layers:
                 params = models.unstack_layer_params(params, config.n_layers)
             model = models.create_model(config, "fp32")
+        self.model = model
         forward32, forward_p = model_forward(model, "fp32"), model_forward(model, policy)
+        self.forward_p = forward_p
         self.probe32 = jax.jit(lambda params, batch, scale: _probe(forward32, loss_fn, params, batch, scale))
         self.probe_p = jax.jit(lambda params, batch, scale: _probe(forward_p, loss_fn, params, batch, scale))
         self.params32 = cast_params_per_module(params, "fp32", to="param")
@@ -330,6 +338,35 @@ class _Runner:
         self.batches = batches
         self.policy = policy
         self.uses_float16 = policy.uses_float16
+
+    def fp8(
+        self, loss_fn: Callable, scaling: fp8.DelayedScaling | None, loss_scale: float
+    ) -> list[Fp8Tensor]:
+        """The policy's fp8 tensors at ``loss_scale``, quantised with a run's delayed ``scaling`` (the
+        forward pass uses those scales too, so each layer sees what training fed it) or, without,
+        with their own amaxes."""
+        if scaling is None:
+            return fp8_report(
+                self.forward_p, self.params_p, self.policy, self.batches, loss_fn, loss_scale=loss_scale
+            )
+        if not is_jaxmp_model(self.model):
+            raise ValueError("`fp8_scaling` is the state of jaxmp's own layers; this model has none")
+        if self.scanned:
+            n_layers = self.model.config.n_layers
+            scaling = jax.tree.map(
+                lambda tree: models.unstack_layer_params(tree, n_layers),
+                scaling,
+                is_leaf=lambda node: isinstance(node, dict),
+            )
+        model_p = self.model.clone(policy=self.policy, parent=None)
+
+        def forward(params, input_ids):
+            return model_p.apply({"params": params, **scaling.variables(scaling.amax_probe())}, input_ids)
+
+        scales = dict(zip(scaling.dot_names(), np.asarray(scaling.scales()), strict=True))
+        return fp8_report(
+            forward, self.params_p, self.policy, self.batches, loss_fn, scales=scales, loss_scale=loss_scale
+        )
 
     def gradient_stats(self, scale: float) -> RangeStats:
         """:class:`RangeStats` of all the policy's (scaled) gradients at ``scale``, over every batch."""
@@ -425,6 +462,7 @@ def diagnose(
     *,
     loss_fn: Callable[[Any, dict], jax.Array] = lm_loss_of,
     loss_scale: str = "auto",
+    fp8_scaling: fp8.DelayedScaling | None = None,
 ) -> Diagnosis:
     """Compares ``policy`` against float32 on ``batches`` (see the module docstring).
 
@@ -442,6 +480,8 @@ def diagnose(
       loss_fn: ``loss_fn(outputs, batch) -> scalar loss``; default: next-token cross-entropy
         against ``batch["targets"]``.
       loss_scale: ``auto``, ``none``, ``dynamic`` or ``static:N``, as ``loss_scale`` in training.
+      fp8_scaling: a run's delayed fp8 scales (``TrainState.fp8``) to quantise with; None: each
+        fp8 tensor's own amax (current scaling).
 
     Returns:
       A :class:`Diagnosis`.
@@ -466,4 +506,5 @@ def diagnose(
         entries=entries,
         histograms=(histogram_one, histogram_scale),
         uses_float16=runner.uses_float16,
+        fp8=runner.fp8(loss_fn, fp8_scaling, settled),
     )

@@ -175,15 +175,17 @@ def linen_policy(policy: Policy | str) -> Iterator[None]:
 def nnx_with_policy(model: nnx.Module, policy: Policy | str) -> nnx.Module:
     """A copy of ``model`` whose every layer with a ``dtype`` attribute computes in the compute dtype
     ``policy`` gives its path, and whose layers with a ``dot_general`` (``nnx.Linear``,
-    ``nnx.LinearGeneral``, ...) run fp8 dots where the policy's ``matmul`` is ``fp8``
-    (:func:`jaxmp.fp8.fp8_dot_general`). Params are shared in value, not changed; cast them per
+    ``nnx.LinearGeneral``, ...) run fp8 dots where the policy's ``matmul`` is an fp8 recipe
+    (:func:`jaxmp.fp8.fp8_dot_general`). These dots scale each tensor by its own amax (current
+    scaling) whatever the recipe: delayed scaling needs the scaling state that only jaxmp's own
+    layers carry. Params are shared in value, not changed; cast them per
     module in the loss (``make_train_step(..., cast_params="per_module")``)."""
     policy = get_policy(policy)
     copy = nnx.clone(model)
     for path, module in nnx.iter_modules(copy):
         if hasattr(module, "dtype"):
             module.dtype = policy.for_module(_nnx_path(path)).compute_dtype
-        if hasattr(module, "dot_general") and policy.matmul_for(_nnx_path(path)) == "fp8":
+        if hasattr(module, "dot_general") and policy.fp8_recipe(_nnx_path(path)) is not None:
             module.dot_general = fp8.fp8_dot_general
     return copy
 

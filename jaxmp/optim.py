@@ -154,3 +154,12 @@ def current_learning_rate(opt_state) -> jax.Array:
     if found is None:
         return jnp.asarray(jnp.nan, jnp.float32)
     return jnp.asarray(found, jnp.float32)
+
+
+def update_applied(opt_state) -> jax.Array:
+    """bool scalar: whether the optimizer step that returned ``opt_state`` updated the params (under
+    ``optax.MultiSteps``: it closed an accumulation window, so its counter is back at zero)."""
+    mini_step = optax.tree.get(opt_state, "mini_step", default=None)
+    if mini_step is None:
+        return jnp.asarray(True)
+    return mini_step == 0

@@ -7,7 +7,7 @@ Grammar (a superset of jmp's)::
     OVERRIDE := PATTERN ':' KEY '=' DTYPE (',' KEY '=' DTYPE)*
     KEY      := params | p | compute | c | output | o | matmul | m
     DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
-                (matmul: compute | fp8)
+                (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY])
     PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | auto
 
 Differences from ``jmp.get_policy``:
@@ -23,9 +23,10 @@ Differences from ``jmp.get_policy``:
   logits (last part ``logits``) compute in float32. A user override for such a path
   replaces the island, e.g. ``bf16;.*softmax:compute=bf16``.
 * ``matmul=fp8`` runs a module's dense matmuls with fp8 operands (E4M3 forward, E5M2 gradients,
-  current scaling: :mod:`jaxmp.fp8`), accumulating in float32. The islands, embeddings and output
-  heads stay out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16
-  with fp8 matmuls.
+  :mod:`jaxmp.fp8`), accumulating in float32, scaled by a recipe: ``fp8`` is ``fp8-delayed-16``
+  (scales from a 16-update amax history, kept in the train state), ``fp8-current`` scales each
+  tensor by its own amax (:class:`jaxmp.fp8.Recipe`). The islands, embeddings and output heads stay
+  out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16 with fp8 matmuls.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import jmp
 import numpy as np
 
 from jaxmp import hardware
+from jaxmp.fp8 import Recipe
 
 __all__ = [
     "Policy",
@@ -50,7 +52,6 @@ __all__ = [
     "dtype_name",
     "FP32_ISLANDS",
     "FP8_EXCLUDED",
-    "MATMUL_MODES",
 ]
 
 _DTYPE_NAMES: Mapping[str, Any] = {
@@ -83,10 +84,6 @@ _CANONICAL_KEY = {
 }
 _FIELDS = ("param_dtype", "compute_dtype", "output_dtype")  # the dtypes, as jmp.Policy holds them
 _ALL_FIELDS = (*_FIELDS, "matmul")
-# How a module's matmuls run: in its compute dtype, or with fp8 operands (E4M3 forward, E5M2
-# gradients, each tensor scaled by its own amax: jaxmp.fp8's current scaling).
-MATMUL_MODES = ("compute", "fp8")
-
 # Module paths that compute in float32 unless a user override matches them first.
 FP32_ISLANDS = re.compile(r"(?i:.*norm.*)|(.*/)?softmax|(.*/)?logits")  # Flax names norms LayerNorm_0
 # Module paths whose matmuls stay out of fp8 unless a user override asks: the islands, embeddings
@@ -124,7 +121,8 @@ def dtype_name(dtype: Any) -> str:
 
 
 def _parse_assignments(text: str, *, where: str) -> dict[str, Any]:
-    """Parses ``key=dtype,key=dtype`` into ``{field: dtype}`` (``matmul``: one of ``MATMUL_MODES``)."""
+    """Parses ``key=dtype,key=dtype`` into ``{field: dtype}`` (``matmul``: ``compute`` or a canonical
+    fp8 recipe, e.g. ``fp8-delayed-16``)."""
     if not text.strip():
         raise ValueError(f"empty {where}; expected key=dtype pairs with keys {', '.join(_KEYS)}")
     assignments: dict[str, np.dtype] = {}
@@ -140,9 +138,11 @@ def _parse_assignments(text: str, *, where: str) -> dict[str, Any]:
                 f"duplicate key {key!r} in {where}; give each of params/compute/output/matmul once"
             )
         if field == "matmul":
-            if value.lower() not in MATMUL_MODES:
-                raise ValueError(f"unknown matmul {value!r} in {where}; valid: {', '.join(MATMUL_MODES)}")
-            assignments[field] = value.lower()
+            try:
+                recipe = Recipe.parse(value)
+            except ValueError:
+                raise ValueError(f"unknown matmul {value!r} in {where}; valid: {Recipe.GRAMMAR}") from None
+            assignments[field] = "compute" if recipe is None else str(recipe)
         else:
             assignments[field] = parse_dtype(value)
     return assignments
@@ -156,7 +156,8 @@ class Policy:
       param_dtype: storage dtype of master parameters (numpy dtype).
       compute_dtype: dtype of activations and matmul inputs.
       output_dtype: dtype of model outputs and losses.
-      matmul: how matmuls run: ``compute`` (in the compute dtype) or ``fp8`` (see ``MATMUL_MODES``).
+      matmul: how matmuls run: ``compute`` (in the compute dtype) or an fp8 recipe such as
+        ``fp8-delayed-16`` or ``fp8-current`` (:class:`jaxmp.fp8.Recipe`).
       overrides: ``((pattern, ((field, dtype), ...)), ...)`` in priority order.
     """
 
@@ -198,13 +199,28 @@ class Policy:
         return 0, {}
 
     def matmul_for(self, path: str) -> str:
-        """How the matmuls of the module at ``path`` run (``compute`` or ``fp8``): the first matching
-        override's ``matmul`` if it names one, else ``compute`` for islands, embeddings and output heads
-        (``FP8_EXCLUDED``), else the base policy's."""
+        """How the matmuls of the module at ``path`` run (``compute`` or an fp8 recipe such as
+        ``fp8-delayed-16``): the first matching override's ``matmul`` if it names one, else
+        ``compute`` for islands, embeddings and output heads (``FP8_EXCLUDED``), else the base
+        policy's."""
         named = self._override_for(path)[1].get("matmul")
         if named is not None:
             return named
         return "compute" if FP8_EXCLUDED.fullmatch(path) else self.matmul
+
+    def fp8_recipe(self, path: str) -> Recipe | None:
+        """The fp8 recipe of the module at ``path``'s matmuls; None when they run in its compute dtype."""
+        return Recipe.parse(self.matmul_for(path))
+
+    @property
+    def uses_delayed_fp8(self) -> bool:
+        """Whether the base or any override names a delayed-scaling fp8 recipe (the model then has
+        scaling state to keep in the train state)."""
+        named = [
+            self.matmul,
+            *(value for _, rule in self.overrides for field, value in rule if field == "matmul"),
+        ]
+        return any(value.startswith("fp8-delayed") for value in named)
 
     def sets_output(self, path: str) -> bool:
         """Whether the override that decides ``path`` (if any) names its ``output`` dtype."""

@@ -192,12 +192,14 @@ class ShardingPlan:
 
 
 def plan_state_sharding(state: TrainState, mesh: Mesh) -> ShardingPlan:
-    """FSDP shardings for ``state`` (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
+    """FSDP shardings for ``state`` (arrays or ``jax.ShapeDtypeStruct`` leaves); its scalars and fp8
+    scaling state are replicated."""
     fsdp = mesh.shape["fsdp"]
     replicated = []
 
     def leaf_sharding(path: str, leaf: Any) -> NamedSharding:
-        if not (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1):
+        # fp8 scaling state (a few floats per dot) stays whole: every device reads all of it.
+        if path.startswith("fp8/") or not (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1):
             return NamedSharding(mesh, PartitionSpec())
         spec = fsdp_partition(leaf.shape, fsdp)
         if fsdp > 1 and spec == PartitionSpec():
@@ -247,9 +249,9 @@ def make_sharded_train_step(
     """
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def gathered_loss(params, batch, rng):
+    def gathered_loss(params, batch, rng, *fp8_variables):
         params = jax.lax.with_sharding_constraint(params, replicated)  # FSDP: all-gather before use
-        return loss_fn(params, batch, rng)
+        return loss_fn(params, batch, rng, *fp8_variables)
 
     step = make_train_step(
         gathered_loss,

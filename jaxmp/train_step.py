@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmp.fp8 import DelayedScaling
 from jaxmp.module_policy import cast_params_per_module, linen_policy
-from jaxmp.optim import current_learning_rate
+from jaxmp.optim import current_learning_rate, update_applied
 from jaxmp.precision import Policy, get_policy
 from jaxmp.scaling import LossScale, NoOpLossScale
 
 __all__ = ["TrainState", "make_train_step", "make_eval_step", "leaf_paths"]
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+LossFn = Callable[..., tuple[jax.Array, Any]]
 CastParams = bool | Literal["per_module"]
 
 
@@ -31,13 +32,15 @@ def _forward(loss_fn: LossFn, policy: Policy, cast_params: CastParams) -> LossFn
     """``loss_fn`` seeing the master params as ``cast_params`` says (see ``make_train_step``)."""
     if cast_params == "per_module":
 
-        def per_module(params, batch, rng):
+        def per_module(params, batch, rng, *fp8_variables):
             with linen_policy(policy):
-                return loss_fn(cast_params_per_module(params, policy), batch, rng)
+                return loss_fn(cast_params_per_module(params, policy), batch, rng, *fp8_variables)
 
         return per_module
     if cast_params is True:
-        return lambda params, batch, rng: loss_fn(policy.cast_to_compute(params), batch, rng)
+        return lambda params, batch, rng, *fp8_variables: loss_fn(
+            policy.cast_to_compute(params), batch, rng, *fp8_variables
+        )
     if cast_params is False:
         return loss_fn
     raise ValueError(f"`cast_params` must be True, False or 'per_module', got {cast_params!r}")
@@ -55,6 +58,8 @@ class TrainState:
       loss_scale: a ``NoOpLossScale``, ``StaticLossScale`` or ``DynamicLossScale``.
       rng: a PRNG key; each step uses ``fold_in(rng, step)``.
       skipped_steps: int32 scalar, micro-steps dropped for non-finite gradients.
+      fp8: the delayed-scaling state of the model's fp8 dots (:class:`jaxmp.fp8.DelayedScaling`:
+        amax histories and scales), or None when no dot uses delayed scaling.
     """
 
     step: jax.Array
@@ -63,6 +68,7 @@ class TrainState:
     loss_scale: LossScale
     rng: jax.Array
     skipped_steps: jax.Array
+    fp8: DelayedScaling | None = None
 
     @classmethod
     def create(
@@ -72,8 +78,10 @@ class TrainState:
         optimizer: optax.GradientTransformation,
         loss_scale: LossScale | None = None,
         rng: jax.Array | None = None,
+        fp8: DelayedScaling | None = None,
     ) -> TrainState:
-        """A fresh state: step 0, ``optimizer.init(params)``, no loss scaling by default."""
+        """A fresh state: step 0, ``optimizer.init(params)``, no loss scaling by default; ``fp8`` as
+        ``jaxmp.models.init_fp8_scaling(model)`` gives it for a model with delayed-scaling fp8 dots."""
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -81,6 +89,7 @@ class TrainState:
             loss_scale=NoOpLossScale() if loss_scale is None else loss_scale,
             rng=jax.random.key(0) if rng is None else rng,
             skipped_steps=jnp.zeros((), jnp.int32),
+            fp8=fp8,
         )
 
 
@@ -135,8 +144,14 @@ def make_train_step(
     MultiSteps accumulator keep their exact bits, and it does not count toward the
     accumulation window.
 
+    With ``state.fp8`` (delayed-scaling fp8 dots), ``loss_fn`` gets a fourth argument: the variable
+    collections to add to the model's ``apply`` (``{"params": params, **fp8_variables}``): the dots'
+    scales and a zero amax probe; the micro-step's amaxes are the loss's gradient with respect to
+    that probe, and ``state.fp8`` records them (:meth:`jaxmp.fp8.DelayedScaling.record`: histories
+    advance once per optimizer update, with the accumulation window's max).
+
     Args:
-      loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``; ``loss`` a scalar.
+      loss_fn: ``loss_fn(params, batch, rng[, fp8_variables]) -> (loss, aux)``; ``loss`` a scalar.
       optimizer: e.g. ``make_optimizer(...)``.
       policy: a ``Policy`` or policy string.
       cast_params: how ``loss_fn`` sees the master params. ``True``: every floating
@@ -165,7 +180,9 @@ def make_train_step(
       (of this micro-step's unscaled gradient), ``loss_scale`` (after adjustment),
       ``learning_rate``, ``grad_zero_fraction``; bool ``grads_finite``; int32
       ``skipped_steps`` (cumulative) and ``nonfinite_leaf`` (first non-finite
-      gradient leaf, -1 if none; see ``leaf_paths``); and ``aux``.
+      gradient leaf, -1 if none; see ``leaf_paths``); ``aux``; and with ``state.fp8``, float32
+      ``fp8_scales`` ``[D, 3]`` (every fp8 dot's scales after this micro-step, named by
+      ``state.fp8.dot_names()``).
     """
     policy = get_policy(policy)
     forward = _forward(loss_fn, policy, cast_params)
@@ -175,12 +192,16 @@ def make_train_step(
 
         compute_batch = policy.cast_to_compute(batch) if cast_batch else batch
 
-        def scaled_loss(params):
-            loss, aux = forward(params, compute_batch, step_rng)
+        def scaled_loss(params, amax_probe):
+            fp8_variables = () if state.fp8 is None else (state.fp8.variables(amax_probe),)
+            loss, aux = forward(params, compute_batch, step_rng, *fp8_variables)
             loss = loss.astype(jnp.float32)  # fp32 island: the loss
             return state.loss_scale.scale(loss), (loss, aux)
 
-        scaled_grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(state.params)
+        amax_probe = None if state.fp8 is None else state.fp8.amax_probe()
+        (scaled_grads, amax), (loss, aux) = jax.grad(scaled_loss, argnums=(0, 1), has_aux=True)(
+            state.params, amax_probe
+        )
         grads = state.loss_scale.unscale(scaled_grads)  # fp32
         grads_finite, nonfinite_leaf, zero_fraction = _gradient_checks(grads)
 
@@ -200,6 +221,9 @@ def make_train_step(
             opt_state=new_opt_state,
             loss_scale=state.loss_scale.adjust(grads_finite),
             skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
+            fp8=None
+            if state.fp8 is None
+            else state.fp8.record(amax, grads_finite & update_applied(new_opt_state)),
         )
         metrics = {
             "loss": loss,
@@ -212,6 +236,8 @@ def make_train_step(
             "nonfinite_leaf": nonfinite_leaf,
             "aux": aux,
         }
+        if new_state.fp8 is not None:
+            metrics["fp8_scales"] = new_state.fp8.scales()
         return new_state, metrics
 
     def window_step(state: TrainState, batches: Any) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -1,5 +1,7 @@
-"""FP8 building blocks against float references: saturating quantisation, the fp8 dot and its
-gradients, current scaling, and delayed scaling's amax history computed by hand."""
+"""FP8 against float references: saturating quantisation, the fp8 dot, its gradients and amaxes,
+current scaling, delayed scaling's amax history computed by hand, and the delayed-scaling state in
+the train step (accumulation windows, skipped micro-steps, scanned layers, an fp16 loss scale, a
+planted activation spike seen by ``diagnose``)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +10,17 @@ import numpy as np
 import pytest
 from helpers import TINY_GPT2, equations
 
+import flax.linen as nn
+
 import jaxmp
 from jaxmp.data.corpus import read_corpus
+from jaxmp.diagnostics import diagnose
 from jaxmp.fp8 import (
     E4M3,
     E5M2,
     DelayedScale,
+    DelayedScaling,
+    Recipe,
     current_scale,
     dequantize,
     fp8_dot,
@@ -60,8 +67,11 @@ def test_fp8_dot_and_its_gradients_equal_the_float_reference():
     g = jax.random.normal(kg, (3, 5, 8)) * 1e-3
     x_scale, w_scale = current_scale(x, E4M3), current_scale(w, E4M3)
     g_scale = current_scale(g, E5M2)
-    out, vjp = jax.vjp(lambda x, w: fp8_dot(x, w, x_scale, w_scale, g_scale), x, w)
-    dx, dw = vjp(g)
+    scales = jnp.stack([x_scale, w_scale, g_scale])
+    out, vjp = jax.vjp(lambda x, w, probe: fp8_dot(x, w, scales, probe), x, w, jnp.zeros(3))
+    dx, dw, amaxes = vjp(g)
+    # the probe's gradient: each tensor's amax before scaling
+    assert amaxes.tolist() == [float(jnp.abs(t).max()) for t in (x, w, g)]
     xq, wq = reference_quantize(x, E4M3, x_scale), reference_quantize(w, E4M3, w_scale)
     gq = reference_quantize(g, E5M2, g_scale)
     for ours, reference in ((out, xq @ wq), (dx, gq @ wq.T), (dw, xq.reshape(-1, 16).T @ gq.reshape(-1, 8))):
@@ -73,7 +83,7 @@ def test_fp8_dot_and_its_gradients_equal_the_float_reference():
 
 
 def test_delayed_scaling_follows_a_hand_computed_amax_history():
-    state = DelayedScale.create(history=3, margin=1)
+    state = DelayedScale.create(history=3)
     assert state.amax_history.tolist() == [0.0, 0.0, 0.0] and float(state.scale) == 1.0
     expected = []  # (history after the step, scale for the next step)
     for amax, history in [
@@ -84,16 +94,35 @@ def test_delayed_scaling_follows_a_hand_computed_amax_history():
         (0.25, [0.25, 0.5, 1]),
     ]:
         expected.append((history, 448.0 / max(history) / 2.0))
-        state = state.update(jnp.float32(amax), E4M3)
+        state = state.update(jnp.float32(amax), fp8_max(E4M3), margin=1)
         assert (state.amax_history.tolist(), float(state.scale)) == expected[-1], amax
-    unchanged = state.update(jnp.float32(jnp.nan), E4M3)  # a non-finite step leaves the state alone
+    unchanged = state.update(jnp.float32(jnp.nan), fp8_max(E4M3))  # a non-finite amax leaves it alone
     assert unchanged.amax_history.tolist() == state.amax_history.tolist() and float(unchanged.scale) == float(
         state.scale
     )
     leaves = jax.tree.leaves(state)
-    assert [leaf.dtype for leaf in leaves] == [jnp.float32, jnp.float32, jnp.int32]  # a checkpointable pytree
+    assert [leaf.dtype for leaf in leaves] == [jnp.float32, jnp.float32]  # a checkpointable pytree
     with pytest.raises(ValueError, match="`history` must be >= 1"):
         DelayedScale.create(history=0)
+    # a stack of dots (scanned layers: [L, 3]) is independent histories, element by element
+    stacked = DelayedScale.create((2, 3), history=2).update(jnp.array([[1.0, 2, 4], [8, jnp.inf, 0]]), 448.0)
+    assert stacked.amax_history[..., 0].tolist() == [[1, 2, 4], [8, 0, 0]]  # inf not recorded
+    assert stacked.scale.tolist() == [[448.0, 224.0, 112.0], [56.0, 1.0, 1.0]]
+
+
+def test_recipes_in_the_policy_grammar():
+    assert [str(Recipe.parse(text)) for text in ("fp8", "FP8-delayed", "fp8-delayed-32", "fp8-current")] == [
+        "fp8-delayed-16", "fp8-delayed-16", "fp8-delayed-32", "fp8-current",
+    ]  # fmt: skip
+    assert Recipe.parse("compute") is None
+    policy = jaxmp.get_policy("fp8;.*mlp.*:matmul=fp8-current")
+    assert policy.fp8_recipe("blocks_0/attn/query") == Recipe("delayed", 16)
+    assert policy.fp8_recipe("blocks_0/mlp/fc_in") == Recipe("current")
+    assert policy.fp8_recipe("lm_head") is None and policy.uses_delayed_fp8
+    assert not jaxmp.get_policy("bf16;.*:matmul=fp8-current").uses_delayed_fp8
+    for bad in ("fp8-delayed-0", "fp8-later"):
+        with pytest.raises(ValueError, match="unknown matmul"):
+            jaxmp.get_policy(f"bf16;.*mlp.*:matmul={bad}")
 
 
 # --------------------------------------------------------------------------------------- in the policy
@@ -102,7 +131,8 @@ def test_delayed_scaling_follows_a_hand_computed_amax_history():
 def test_the_policy_says_which_matmuls_run_in_fp8():
     policy = jaxmp.get_policy("fp8;.*fc_out:matmul=compute;.*norm1:matmul=fp8")
     assert str(policy) == (
-        "params=float32,compute=bfloat16,output=float32,matmul=fp8;.*fc_out:matmul=compute;.*norm1:matmul=fp8"
+        "params=float32,compute=bfloat16,output=float32,matmul=fp8-delayed-16;.*fc_out:matmul=compute;"
+        ".*norm1:matmul=fp8-delayed-16"
     )
     assert jaxmp.get_policy(str(policy)) == policy
     matmuls = {path: policy.matmul_for(path) for path in (
@@ -110,14 +140,14 @@ def test_the_policy_says_which_matmuls_run_in_fp8():
         "lm_head/logits", "blocks_0/norm2", "blocks_0/norm1", "blocks_0/attn/softmax",
     )}  # fmt: skip
     assert matmuls == {
-        "blocks_0/attn/query": "fp8",
-        "blocks_0/mlp/fc_in": "fp8",
+        "blocks_0/attn/query": "fp8-delayed-16",
+        "blocks_0/mlp/fc_in": "fp8-delayed-16",
         "blocks_0/mlp/fc_out": "compute",  # override 1
         "token_embed": "compute",  # embeddings, heads, islands: out of fp8 by default
         "lm_head": "compute",
         "lm_head/logits": "compute",
         "blocks_0/norm2": "compute",
-        "blocks_0/norm1": "fp8",  # an override may bring an island in
+        "blocks_0/norm1": "fp8-delayed-16",  # an override may bring an island in
         "blocks_0/attn/softmax": "compute",
     }
     assert jaxmp.get_policy("bf16").matmul_for("blocks_0/attn/query") == "compute"
@@ -127,6 +157,9 @@ def test_the_policy_says_which_matmuls_run_in_fp8():
     ):
         with pytest.raises(ValueError, match=named):
             jaxmp.get_policy(spec)
+
+
+CURRENT = "params=float32,compute=bfloat16,matmul=fp8-current"  # the fp8 preset with current scaling
 
 
 def conversions(jaxpr, dtype) -> int:
@@ -141,16 +174,23 @@ def tiny_gpt2(policy):
     return jaxmp.models.get_model("gpt2-tiny", policy, **TINY_GPT2)
 
 
-def lm_step(policy, steps=10):
-    model = tiny_gpt2(policy)
+def lm_step(policy, steps=10, **config):
+    """A jitted step of the tiny GPT-2 under ``policy`` (its delayed fp8 scaling state included) and
+    its first state; ``config`` overrides the model's (``scan_layers``, ``remat``)."""
+    model = jaxmp.models.get_model("gpt2-tiny", policy, **TINY_GPT2, **config)
     params = jaxmp.models.init_params(tiny_gpt2("fp32"), jax.random.key(0), 16)
+    if config.get("scan_layers"):
+        params = jaxmp.models.stack_layer_params(params, TINY_GPT2["n_layers"])
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, fp8_variables=None):
         del rng
-        return lm_loss(model.apply({"params": params}, batch["input_ids"]).logits, batch["targets"]), {}
+        logits = model.apply({"params": params, **(fp8_variables or {})}, batch["input_ids"]).logits
+        return lm_loss(logits, batch["targets"]), {}
 
     optimizer = jaxmp.make_optimizer(learning_rate=3e-3, warmup_steps=5, total_steps=steps)
-    state = jaxmp.TrainState.create(params=params, optimizer=optimizer)
+    state = jaxmp.TrainState.create(
+        params=params, optimizer=optimizer, fp8=jaxmp.models.init_fp8_scaling(model)
+    )
     return jaxmp.make_train_step(loss_fn, optimizer, policy, cast_params=False), state
 
 
@@ -175,14 +215,15 @@ def test_fp8_matmuls_are_where_the_policy_puts_them():
 
 def test_the_fp8_preset_trains_like_bf16():
     losses = {}
-    for policy in ("bf16", "fp8"):
+    for policy in ("bf16", "fp8", CURRENT):
         step, state = lm_step(policy, steps=120)
         for batch in shakespeare_batches(120):
             state, metrics = step(state, batch)
         losses[policy] = float(metrics["loss"])
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
     assert losses["bf16"] < 3.5  # it learned (ln 256 = 5.5 at the start)
-    assert abs(losses["fp8"] / losses["bf16"] - 1) < 0.03, losses
+    for fp8_policy in ("fp8", CURRENT):  # delayed and current scaling
+        assert abs(losses[fp8_policy] / losses["bf16"] - 1) < 0.03, losses
 
 
 def test_fp8_dot_general_is_a_drop_in_with_fp8_operands_and_gradients():
@@ -231,3 +272,183 @@ def test_nnx_layers_run_fp8_dots_where_the_policy_says():
     jaxpr = step_jaxpr("fp8;.*mlp.*:matmul=compute")
     assert (conversions(jaxpr, E4M3), conversions(jaxpr, E5M2)) == (2 * (layers - 4), layers - 4)
     assert conversions(step_jaxpr("bf16"), E4M3) == 0
+
+
+# ------------------------------------------------------------------- delayed scaling in the train step
+
+
+class TwoDense(nn.Module):
+    """``down(relu(up(x)))`` with jaxmp's fp8-capable dense layers."""
+
+    policy: jaxmp.Policy
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = jaxmp.models.layers.Dense(self.policy, features=16, name="up")(x)
+        return jaxmp.models.layers.Dense(self.policy, features=4, name="down")(jax.nn.relu(hidden))
+
+
+FP32_FP8 = "params=float32,compute=float32,matmul=fp8"  # fp32 compute: x's amax is exactly |x|'s
+
+
+def two_dense(policy=FP32_FP8, accum_steps=4, loss_scale=None):
+    """The model's delayed-scaling step (micro-steps scanned), first state and its loss's amax probe."""
+    model = TwoDense(jaxmp.get_policy(policy))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8)))
+
+    def loss_fn(params, batch, rng, fp8_variables):
+        del rng
+        out = model.apply({"params": params, **fp8_variables}, batch["x"])
+        return jnp.mean((out.astype(jnp.float32) - batch["y"]) ** 2) * batch["poison"], {}
+
+    optimizer = jaxmp.make_optimizer(learning_rate=1e-2, accum_steps=accum_steps, warmup_steps=0)
+    state = jaxmp.TrainState.create(
+        params=variables["params"],
+        optimizer=optimizer,
+        loss_scale=loss_scale,
+        fp8=DelayedScaling.create(variables["fp8_scaling"]),
+    )
+    step = jaxmp.make_train_step(
+        loss_fn, optimizer, policy, cast_params=False, scan_micro_steps=True, donate=False
+    )
+
+    def amaxes(state, batch):
+        """This micro-step's amaxes on its own: the gradient of the (scaled) loss w.r.t. a zero probe."""
+        probe = state.fp8.amax_probe()
+        scaled = lambda p: state.loss_scale.scale(
+            loss_fn(state.params, batch, None, state.fp8.variables(p))[0]
+        )  # noqa: E731
+        return jax.grad(scaled)(probe)
+
+    return step, state, amaxes
+
+
+def micro_batches(factors, poison=()):
+    """One micro-batch per factor: the same inputs times the factor; ``poison``: micro-steps whose loss
+    is multiplied by inf (their gradients are not finite)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    return [
+        {"x": x * f, "y": y, "poison": np.float32(np.inf if i in poison else 1.0)}
+        for i, f in enumerate(factors)
+    ]
+
+
+def stacked(batches):
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
+
+
+def newest(state):
+    """Each dot's newest history entry, ``{layer: [x, w, grad]}``."""
+    return {name: dot["dot"].amax_history[..., 0].tolist() for name, dot in state.fp8.dots.items()}
+
+
+def test_an_accumulation_window_records_the_max_over_its_micro_steps():
+    step, state, amaxes = two_dense(accum_steps=4)
+    batches = micro_batches([1.0, 3.0, 2.0, 0.5])
+    each = [amaxes(state, batch) for batch in batches]  # params do not move inside a window
+    window_max = jax.tree.map(lambda *a: np.max(np.stack(a), axis=0), *each)
+
+    partial, _ = step(state, stacked(batches[:3]))  # the window is still open: no history moved yet
+    assert all(v == [0.0] * 3 for v in newest(partial).values())
+    np.testing.assert_array_equal(
+        partial.fp8.window_amax["up"]["dot"], np.max([e["up"]["dot"] for e in each[:3]], 0)
+    )
+
+    closed, metrics = step(state, stacked(batches))
+    assert bool(metrics["grads_finite"].all())
+    for layer in ("up", "down"):
+        np.testing.assert_array_equal(newest(closed)[layer], window_max[layer]["dot"])
+        np.testing.assert_array_equal(closed.fp8.dots[layer]["dot"].amax_history[..., 1:], 0.0)
+        np.testing.assert_allclose(
+            closed.fp8.dots[layer]["dot"].scale,
+            np.array([448.0, 448.0, 57344.0]) / window_max[layer]["dot"],
+            rtol=1e-6,
+        )
+        np.testing.assert_array_equal(
+            closed.fp8.window_amax[layer]["dot"], 0.0
+        )  # the next window starts empty
+    # x's amax is the input's, known without the model: the largest factor's micro-batch
+    assert newest(closed)["up"][0] == float(np.abs(batches[1]["x"]).max())
+    # the scales the window used were the ones before it; the last micro-step's metrics show the new ones
+    np.testing.assert_array_equal(metrics["fp8_scales"][-1], closed.fp8.scales())
+    assert closed.fp8.dot_names() == ["down", "up"]
+
+
+def test_a_skipped_micro_step_keeps_its_finite_amaxes_and_does_not_close_the_window():
+    step, state, amaxes = two_dense(accum_steps=4)
+    batches = micro_batches([1.0, 1.0, 5.0, 1.0, 1.0], poison={2})  # micro-step 2: a spike, then inf loss
+    after_four, metrics = step(state, stacked(batches[:4]))
+    assert metrics["grads_finite"].tolist() == [True, True, False, True]
+    assert all(v == [0.0] * 3 for v in newest(after_four).values())  # 3 finite micro-steps: still open
+    spike = amaxes(state, batches[2])
+    window = jax.tree.map(np.asarray, after_four.fp8.window_amax)
+    # its finite amaxes count: the spiked input, ...
+    assert window["up"]["dot"][0] == spike["up"]["dot"][0] == float(np.abs(batches[2]["x"]).max())
+    # ... the gradient reaching `up` (finite: `down`'s E5M2 quantiser saturated the inf) ...
+    assert np.isfinite(spike["up"]["dot"][2]) and window["up"]["dot"][2] == spike["up"]["dot"][2]
+    # ... but `down`'s output gradient amax, inf, is dropped: the window keeps the finite steps' max
+    assert not np.isfinite(spike["down"]["dot"][2])
+    finite = [amaxes(state, b)["down"]["dot"][2] for i, b in enumerate(batches[:4]) if i != 2]
+    assert window["down"]["dot"][2] == max(finite)
+    closed, metrics = step(after_four, stacked(batches[4:]))  # the 4th finite micro-step closes it
+    assert newest(closed)["up"][0] == window["up"]["dot"][0] and np.isfinite(closed.fp8.scales()).all()
+
+
+def test_an_fp16_loss_scale_scales_the_recorded_gradient_amax():
+    batches = micro_batches([1.0])
+    recorded = {}
+    for scale in (1.0, 2.0**10):
+        step, state, _ = two_dense(
+            "params=float32,compute=float16,matmul=fp8",
+            accum_steps=1,
+            loss_scale=jaxmp.StaticLossScale(scale),
+        )
+        recorded[scale] = newest(step(state, stacked(batches))[0])["down"]
+    assert recorded[1.0][:2] == recorded[2.0**10][:2]  # x and w: the same tensors
+    # the gradient the E5M2 quantiser sees is the scaled one (float16 rounding apart)
+    assert recorded[2.0**10][2] == pytest.approx(2.0**10 * recorded[1.0][2], rel=2e-3)
+
+
+def test_delayed_scaling_under_scanned_rematerialised_layers_equals_the_layer_by_layer_model():
+    runs = {}
+    for config in ({}, {"scan_layers": True, "remat": True}):
+        step, state = lm_step(FP32_FP8, **config)  # fp32 compute: only float32 reassociation differs
+        losses = []
+        for batch in shakespeare_batches(2, size=4, length=16):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        runs[bool(config)] = (
+            losses,
+            dict(zip(state.fp8.dot_names(), np.asarray(state.fp8.scales()), strict=True)),
+        )
+    (losses, scales), (scanned_losses, scanned_scales) = runs[False], runs[True]
+    np.testing.assert_allclose(scanned_losses, losses, rtol=1e-6)
+    assert sorted(scanned_scales) == sorted(scales) and len(scales) == 6 * TINY_GPT2["n_layers"]
+    for name, value in scales.items():
+        assert (value != 1.0).all(), name  # every history has recorded
+        np.testing.assert_allclose(scanned_scales[name], value, rtol=1e-5, err_msg=name)
+
+
+def test_a_planted_spike_saturates_delayed_scaling_for_one_step_and_current_scaling_not_at_all():
+    step, state = lm_step("fp8")
+    batches = list(shakespeare_batches(3, size=4, length=16))
+    for batch in batches[:2]:
+        state, _ = step(state, batch)
+    model = tiny_gpt2("fp8")
+    spiked = jax.tree.map(lambda x: x, state.params)
+    fc_in = spiked["blocks_1"]["mlp"]["fc_in"]
+    fc_in["bias"] = fc_in["bias"] + 30.0  # gelu passes it on: fc_out's input jumps ~30x, nothing before it
+
+    def saturated(params, scaling):
+        report = diagnose(model, params, "fp8", batches[2:], fp8_scaling=scaling).fp8
+        assert len(report) == 3 * 6 * TINY_GPT2["n_layers"]  # x, w, grad of every fp8 dot
+        return {f"{t.dot}:{t.tensor}": t.saturated for t in report}
+
+    before = saturated(spiked, state.fp8)
+    assert before["blocks_1/mlp/fc_out:x"] > 0.9, before  # scales from before the spike: it clips
+    # elsewhere a batch unlike the history's clips a rare value at most
+    assert max(v for k, v in before.items() if k != "blocks_1/mlp/fc_out:x") < 0.01, before
+    assert all(value == 0 for value in saturated(spiked, None).values())  # current scaling adapts at once
+    state, _ = step(state.replace(params=spiked), batches[2])  # one step records the spike's amax
+    assert all(value == 0 for value in saturated(state.params, state.fp8).values())

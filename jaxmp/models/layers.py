@@ -120,17 +120,32 @@ class Dense(PolicyModule):
         kernel_KxF = self.param(
             "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features), self.param_dtype
         )
-        if self.policy.matmul_for(self.module_path) == "fp8":  # E4M3 operands, fp32 accumulation
-            contract = (((x_BxLxK.ndim - 1,), (0,)), ((), ()))
-            y = fp8.fp8_dot_general(
-                x_BxLxK.astype(self.dtype), kernel_KxF, contract, preferred_element_type=jnp.float32
-            )
+        recipe = self.policy.fp8_recipe(self.module_path)
+        if recipe is not None:  # E4M3 operands, fp32 accumulation
+            y = self._fp8_matmul(x_BxLxK.astype(self.dtype), kernel_KxF, recipe)
         else:
             y = fastdot.matmul(x_BxLxK.astype(self.dtype), kernel_KxF)  # fp32 accumulation
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + _last_axis(bias_F.astype(self.dtype), y.ndim)
         return y.astype(self.dtype)
+
+    def _fp8_matmul(self, x_BxLxK: jax.Array, kernel_KxF: jax.Array, recipe: fp8.Recipe) -> jax.Array:
+        """float32 ``[..., F]``: ``x @ kernel`` as an fp8 dot. Delayed scaling reads this dot's
+        :class:`jaxmp.fp8.DelayedScale` from the ``fp8_scaling`` collection and reports its amaxes
+        through the ``fp8_amax`` probe (:func:`jaxmp.fp8.fp8_dot`); where those collections are not
+        given (evaluation, inference, diagnostics) and for ``fp8-current``, each tensor is scaled by
+        its own amax."""
+        if recipe.scaling == "delayed" and (
+            self.is_initializing() or self.has_variable(fp8.SCALING_COLLECTION, "dot")
+        ):
+            scaling = self.variable(
+                fp8.SCALING_COLLECTION, "dot", lambda: fp8.DelayedScale.create((3,), recipe.history)
+            ).value
+            probe = self.variable(fp8.AMAX_COLLECTION, "dot", lambda: jnp.zeros((3,), jnp.float32)).value
+            return fp8.fp8_dot(x_BxLxK, kernel_KxF, scaling.scale, probe)
+        contract = (((x_BxLxK.ndim - 1,), (0,)), ((), ()))
+        return fp8.fp8_dot_general(x_BxLxK, kernel_KxF, contract, preferred_element_type=jnp.float32)
 
 
 class Embed(PolicyModule):
@@ -570,7 +585,7 @@ def apply_blocks(
     if scan_layers:
         stack = nn.scan(
             block_cls,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, fp8.SCALING_COLLECTION: 0, fp8.AMAX_COLLECTION: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=n_layers,

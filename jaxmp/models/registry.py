@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmp import fp8
 from jaxmp.models.bert import Bert, BertConfig
 from jaxmp.models.gpt2 import GPT2, GPT2Config
 from jaxmp.models.layers import RopeScaling
@@ -102,6 +103,17 @@ def init_params(model: nn.Module, rng: jax.Array, seq_len: int) -> dict[str, Any
     """
     input_ids = jnp.zeros((1, seq_len), jnp.int32)
     return jax.jit(model.init)({"params": rng}, input_ids)["params"]
+
+
+def init_fp8_scaling(model: nn.Module) -> fp8.DelayedScaling | None:
+    """Fresh delayed-scaling state for the model's fp8 dots (``TrainState.create(..., fp8=...)``);
+    None when its policy gives no dot a delayed recipe."""
+    if not model.policy.uses_delayed_fp8:
+        return None
+    input_ids = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, input_ids))
+    dots = shapes.get(fp8.SCALING_COLLECTION)
+    return fp8.DelayedScaling.create(dots) if dots else None
 
 
 def count_params(params: Any) -> int:

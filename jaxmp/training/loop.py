@@ -253,6 +253,7 @@ def _train(
     total_micro = config.steps * accum
     start_micro = int(state.step)
     paths = leaf_paths(state.params)
+    fp8_dots = [] if state.fp8 is None else state.fp8.dot_names()
     consecutive_skips, pending = 0, None
     started = time.perf_counter()
     # Wall time between consecutive finished micro-steps; the median leaves out compilation and evaluation.
@@ -305,6 +306,10 @@ def _train(
         metrics_log.advance()
         if update % config.log_every == 0 or update == config.steps:
             record = metrics_log.end_window(update, metrics)
+            if fp8_dots:  # each delayed-scaling fp8 dot's scales of x, w and the gradient
+                record["fp8_scale"] = dict(
+                    zip(fp8_dots, np.asarray(metrics["fp8_scales"]).tolist(), strict=True)
+                )
             if (config.eval_every and update % config.eval_every == 0) or update == config.steps:
                 record.update(task.evaluate(state.params))
             metrics_log.write(record)

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from jaxmp import optim, sharding
+from jaxmp import models, optim, sharding
 from jaxmp.errors import UsageError
 from jaxmp.train_step import TrainState
 from jaxmp.training.config import TrainConfig
@@ -62,6 +62,7 @@ def make_state(
         optimizer=optimizer,
         loss_scale=config.initial_loss_scale(),
         rng=jax.random.key(config.seed),
+        fp8=models.init_fp8_scaling(task.model),
     )
     plan = sharding.plan_state_sharding(state, mesh)
     if plan.replicated:

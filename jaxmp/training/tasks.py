@@ -39,7 +39,7 @@ class Task:
     Attributes:
       model: the Flax module (its layers carry the policy).
       params: initial master params (fresh, or read from ``--init``).
-      loss_fn: ``(params, batch, rng) -> (fp32 loss, aux)`` for ``make_train_step``.
+      loss_fn: ``(params, batch, rng[, fp8_variables]) -> (fp32 loss, aux)`` for ``make_train_step``.
       window: ``(first micro-step, count) ->`` the training batches of micro-steps ``first ..
         first + count - 1`` stacked on a leading ``[count]`` axis (the step scans over it); each is a
         pure function of ``(seed, micro-step)``.
@@ -136,8 +136,9 @@ def _lm_task(config: TrainConfig, cache_dir: Path) -> Task:
     if params is None:
         params = models.init_params(model, jax.random.key(config.seed), config.seq_len)
 
-    def loss_fn(params, batch, rng):
-        out = model.apply({"params": params}, batch["input_ids"], deterministic=False, rngs={"dropout": rng})
+    def loss_fn(params, batch, rng, fp8_variables=None):
+        variables = {"params": params, **(fp8_variables or {})}
+        out = model.apply(variables, batch["input_ids"], deterministic=False, rngs={"dropout": rng})
         return lm_loss(out.logits, batch["targets"]), {}
 
     def deterministic_loss(params, batch, rng):
@@ -190,17 +191,17 @@ def _classify_task(config: TrainConfig) -> Task:
         )
     _check_overrides(config, model)
 
-    def forward(params, batch, **kwargs):
+    def forward(params, batch, fp8_variables=None, **kwargs):
         return model.apply(
-            {"params": params},
+            {"params": params, **(fp8_variables or {})},
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             token_type_ids=batch["token_type_ids"],
             **kwargs,
         ).logits
 
-    def loss_fn(params, batch, rng):
-        logits = forward(params, batch, deterministic=False, rngs={"dropout": rng})
+    def loss_fn(params, batch, rng, fp8_variables=None):
+        logits = forward(params, batch, fp8_variables, deterministic=False, rngs={"dropout": rng})
         return classification_loss(logits, batch["labels"], batch["weight"])
 
     def deterministic_loss(params, batch, rng):
