@@ -3,14 +3,13 @@ current scaling, delayed scaling's amax history computed by hand, and the delaye
 the train step (accumulation windows, skipped micro-steps, scanned layers, an fp16 loss scale, a
 planted activation spike seen by ``diagnose``)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 from helpers import TINY_GPT2, equations
-
-import flax.linen as nn
 
 import jaxmp
 from jaxmp.data.corpus import read_corpus
@@ -314,11 +313,11 @@ def two_dense(policy=FP32_FP8, accum_steps=4, loss_scale=None):
 
     def amaxes(state, batch):
         """This micro-step's amaxes on its own: the gradient of the (scaled) loss w.r.t. a zero probe."""
-        probe = state.fp8.amax_probe()
-        scaled = lambda p: state.loss_scale.scale(
-            loss_fn(state.params, batch, None, state.fp8.variables(p))[0]
-        )  # noqa: E731
-        return jax.grad(scaled)(probe)
+
+        def scaled_loss(probe):
+            return state.loss_scale.scale(loss_fn(state.params, batch, None, state.fp8.variables(probe))[0])
+
+        return jax.grad(scaled_loss)(state.fp8.amax_probe())
 
     return step, state, amaxes
 
