@@ -76,6 +76,28 @@ def plot_loss_scales(runs: Mapping[str, Records], path: str | os.PathLike) -> No
     _save(figure, path)
 
 
+def plot_fp8_scales(runs: Mapping[str, Records], path: str | os.PathLike, layers: int = 3) -> None:
+    """Delayed fp8 scales (log2) against step: one panel per tensor (``x``, ``w``, ``grad``), one line
+    per run and layer, for the first, middle and last of each run's fp8 dots (``fp8_scale`` records)."""
+    figure = Figure(figsize=(13, 4.2), layout="constrained")
+    panels = figure.subplots(1, 3, sharex=True)
+    for name, records in runs.items():
+        logged = [r for r in records if r.get("fp8_scale")]
+        dots = list(logged[0]["fp8_scale"]) if logged else []
+        chosen = sorted({dots[i] for i in np.linspace(0, len(dots) - 1, min(layers, len(dots))).astype(int)})
+        for dot in chosen:
+            steps = [r["step"] for r in logged]
+            for tensor, axes in enumerate(panels):
+                axes.plot(steps, np.log2([r["fp8_scale"][dot][tensor] for r in logged]), label=f"{name}: {dot}")
+    for axes, tensor in zip(panels, ("x (E4M3)", "w (E4M3)", "output gradient (E5M2)"), strict=True):
+        axes.set_title(f"scale of {tensor}")
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel("log2 scale = log2(fp8 max / amax)")
+    panels[-1].legend(fontsize="small")
+    _save(figure, path)
+
+
 def plot_grad_histograms(histograms: Sequence[Histogram], title: str, path: str | os.PathLike) -> None:
     """One panel per loss scale: ``log2 |gradient|`` of the policy (bars) and of fp32 (outline).
 

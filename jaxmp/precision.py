@@ -8,7 +8,7 @@ Grammar (a superset of jmp's)::
     KEY      := params | p | compute | c | output | o | matmul | m
     DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
                 (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY])
-    PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | auto
+    PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | fp8-current | auto
 
 Differences from ``jmp.get_policy``:
 
@@ -26,7 +26,8 @@ Differences from ``jmp.get_policy``:
   :mod:`jaxmp.fp8`), accumulating in float32, scaled by a recipe: ``fp8`` is ``fp8-delayed-16``
   (scales from a 16-update amax history, kept in the train state), ``fp8-current`` scales each
   tensor by its own amax (:class:`jaxmp.fp8.Recipe`). The islands, embeddings and output heads stay
-  out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16 with fp8 matmuls.
+  out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16 with fp8 matmuls
+  (delayed scaling); ``fp8-current`` the same with current scaling.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ _PRESETS: Mapping[str, str] = {
     "fp16": "params=float32,compute=float16,output=float32",
     "pure-bf16": "params=bfloat16,compute=bfloat16,output=float32",
     "fp8": "params=float32,compute=bfloat16,output=float32,matmul=fp8",
+    "fp8-current": "params=float32,compute=bfloat16,output=float32,matmul=fp8-current",
 }
 
 

@@ -158,7 +158,7 @@ def test_the_policy_says_which_matmuls_run_in_fp8():
             jaxmp.get_policy(spec)
 
 
-CURRENT = "params=float32,compute=bfloat16,matmul=fp8-current"  # the fp8 preset with current scaling
+CURRENT = "fp8-current"  # the fp8 preset with current scaling
 
 
 def conversions(jaxpr, dtype) -> int:

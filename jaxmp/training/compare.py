@@ -4,7 +4,8 @@
 (the code path of ``python -m jaxmp.train``) from the same seed, so every run starts from the same
 parameters and sees the same batches; every other setting of ``config`` applies to all of them.
 Variant ``NAME`` trains into ``out/NAME``; the report is ``report.md``, ``report.json``,
-``loss.png`` and ``loss_scale.png`` in ``out``.
+``loss.png`` and ``loss_scale.png`` in ``out``, and ``amax.png`` (delayed fp8 scales over the steps, for
+a few layers) when a policy has delayed-scaling fp8 matmuls.
 """
 
 from __future__ import annotations
@@ -197,14 +198,17 @@ def compare(
     _add_ratios(rows)
     plots.plot_losses(curves, out / "loss.png")
     plots.plot_loss_scales(scaled, out / "loss_scale.png")
+    delayed_fp8 = {name: records for name, records in curves.items() if any("fp8_scale" in r for r in records)}
+    if delayed_fp8:
+        plots.plot_fp8_scales(delayed_fp8, out / "amax.png")
     shared = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("policy", "loss_scale", "out")}
     report = {"config": shared, "policies": rows}
     write_text_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomically(out / "report.md", _markdown_report(rows, config))
+    write_text_atomically(out / "report.md", _markdown_report(rows, config, fp8_plot=bool(delayed_fp8)))
     return rows
 
 
-def _markdown_report(rows: list[dict], config: TrainConfig) -> str:
+def _markdown_report(rows: list[dict], config: TrainConfig, fp8_plot: bool) -> str:
     stopped = [f"- **{r['name']}**: {r['status']}" for r in rows if r["status"] != "ok"]
     return "\n".join(
         [
@@ -229,5 +233,6 @@ def _markdown_report(rows: list[dict], config: TrainConfig) -> str:
             "",
             "![loss scale and skipped steps](loss_scale.png)",
             "",
+            *(["![delayed fp8 scales of a few layers](amax.png)", ""] if fp8_plot else []),
         ]
     )
