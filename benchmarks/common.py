@@ -162,11 +162,13 @@ class LMStep:
 
 
 def lm_loss_fn(model) -> Callable:
-    """``loss_fn(params, batch, rng)`` of a causal LM, as ``jaxmp.training.tasks`` builds it (no dropout)."""
+    """``loss_fn(params, batch, rng[, fp8_variables])`` of a causal LM, as ``jaxmp.training.tasks``
+    builds it (no dropout)."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, fp8_variables=None):
         del rng
-        return lm_loss(model.apply({"params": params}, batch["input_ids"]).logits, batch["targets"]), {}
+        logits = model.apply({"params": params, **(fp8_variables or {})}, batch["input_ids"]).logits
+        return lm_loss(logits, batch["targets"]), {}
 
     return loss_fn
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark run (at most 8 minutes): GPT-2-medium-sized bf16 tokens/s and MFU,
-# bf16 : TF32 : fp32 step times, fp16 loss-scaling overhead.
+# bf16 : TF32 : fp32 step times, fp8 (delayed, current) vs bf16 with the FP8 GEMMs XLA emitted,
+# fp16 loss-scaling overhead.
 #
 #   bash benchmarks/gpu.sh [gpu_bench.py flags, e.g. --batch-size 16]
 #

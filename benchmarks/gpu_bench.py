@@ -13,6 +13,10 @@ within the time box) on one device:
 * the step-time ratio bf16 : TF32 : strict fp32 (the fp32 policy compiled under
   ``jax.default_matmul_precision("tensorfloat32")`` and ``("float32")``);
 * fp16 with dynamic loss scaling against fp16 without, the cost of scaling;
+* fp8 matmuls (the ``fp8`` preset: delayed scaling, and ``fp8-current``) against bf16, with the
+  compiled program's custom calls whose target names an fp8 type (``__cublas$lt$matmul$f8`` on
+  Hopper-class GPUs: XLA made FP8 GEMMs of the quantise -> dequantise -> dot pattern; none means
+  the dots ran emulated);
 * each variant's compiled temporary memory (``memory_analysis``), where bf16 activations should
   take about half of fp32's (on CPU they do not: BENCHMARKS.md section 5).
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import time
 import types
@@ -85,12 +90,22 @@ class Candidate:
         with jax.default_matmul_precision(matmul_precision):
             params = models.init_params(model, jax.random.key(0), config.max_positions)
             self.state = jaxmp.TrainState.create(
-                params=params, optimizer=optimizer, loss_scale=jaxmp.make_loss_scale(loss_scale, parsed)
+                params=params,
+                optimizer=optimizer,
+                loss_scale=jaxmp.make_loss_scale(loss_scale, parsed),
+                fp8=models.init_fp8_scaling(model),
             )
             step = jaxmp.make_train_step(lm_loss_fn(model), optimizer, parsed, cast_params=False)
             start = time.perf_counter()
             self.compiled = step.lower(self.state, batch).compile()
             self.compile_seconds = time.perf_counter() - start
+        self.fp8_custom_calls = sorted(
+            {
+                name
+                for name in re.findall(r'custom_call_target="([^"]+)"', self.compiled.as_text())
+                if "f8" in name
+            }
+        )
         stats = self.compiled.memory_analysis()  # None where the backend does not report it
         self.temp_bytes = stats.temp_size_in_bytes if stats is not None else None
         self.batch = batch
@@ -146,13 +161,18 @@ def main() -> None:
             "tf32": ("fp32", "tensorfloat32", "auto"),
             "fp32": ("fp32", "float32", "auto"),
         },
+        "fp8": {
+            "bf16 (beside fp8)": ("bf16", None, "auto"),
+            "fp8 delayed": ("fp8", None, "auto"),
+            "fp8 current": ("fp8-current", None, "auto"),
+        },
         "loss scaling": {
             "fp16 dynamic": ("fp16", None, "dynamic"),
             "fp16 none": ("fp16", None, "none"),
         },
     }
     flops = flops_per_token(config)
-    seconds, compile_seconds, temp_bytes, skipped, failed = {}, {}, {}, [], {}
+    seconds, compile_seconds, temp_bytes, skipped, failed, fp8_calls = {}, {}, {}, [], {}, {}
     for section, variants in sections.items():
         if time.perf_counter() - started > args.budget_s:
             skipped.append(section)
@@ -163,6 +183,7 @@ def main() -> None:
                 candidates[name] = Candidate(config, policy, batch, precision, loss_scale)
                 compile_seconds[name] = candidates[name].compile_seconds
                 temp_bytes[name] = candidates[name].temp_bytes
+                fp8_calls[name] = candidates[name].fp8_custom_calls
             except jax.errors.JaxRuntimeError as error:
                 failed[name] = str(error).splitlines()[0][:300]
         seconds.update(time_round_robin(candidates, args.rounds, args.steps))
@@ -194,6 +215,7 @@ def main() -> None:
         "step_seconds": seconds,
         "compile_seconds": compile_seconds,
         "temp_bytes": temp_bytes,
+        "fp8_custom_calls": fp8_calls,
         "tokens_per_second": {name: tokens / s for name, s in seconds.items()},
         "mfu": {name: tokens / s * flops / 1e12 / peak for name, s in seconds.items()} if peak else None,
         "skipped_sections": skipped,
@@ -216,6 +238,11 @@ def main() -> None:
     )
     print(f"## GPU: {preset} {batch_size}x{seq_len} on {device_kind} (peak {peak} TFLOP/s bf16)\n")
     print(markdown_table(headers, rows))
+    for name in ("fp8 delayed", "fp8 current"):
+        if name in seconds and "bf16 (beside fp8)" in seconds:
+            speedup = seconds["bf16 (beside fp8)"] / seconds[name]
+            calls = ", ".join(fp8_calls[name]) or "none: the fp8 dots ran emulated"
+            print(f"\n{name}: {speedup:.2f}x bf16's step speed (target >= 1.3x); fp8 custom calls: {calls}")
     if "loss_scaling_overhead" in results:
         print(f"\nfp16 dynamic loss scaling overhead: {results['loss_scaling_overhead']:+.1%}")
     if skipped:

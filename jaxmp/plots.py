@@ -88,7 +88,9 @@ def plot_fp8_scales(runs: Mapping[str, Records], path: str | os.PathLike, layers
         for dot in chosen:
             steps = [r["step"] for r in logged]
             for tensor, axes in enumerate(panels):
-                axes.plot(steps, np.log2([r["fp8_scale"][dot][tensor] for r in logged]), label=f"{name}: {dot}")
+                axes.plot(
+                    steps, np.log2([r["fp8_scale"][dot][tensor] for r in logged]), label=f"{name}: {dot}"
+                )
     for axes, tensor in zip(panels, ("x (E4M3)", "w (E4M3)", "output gradient (E5M2)"), strict=True):
         axes.set_title(f"scale of {tensor}")
         axes.set_xlabel("step")

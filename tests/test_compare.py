@@ -100,7 +100,7 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(tmp_path, capsys):
 
 def test_compare_end_to_end_report_plots_and_zero_gradients(tmp_path, capsys):
     out = tmp_path / "report"
-    argv = [*TINY, "--log-every", "1", "--policies", "fp16", "fp16-noscale", "--out", str(out)]
+    argv = [*TINY, "--log-every", "1", "--policies", "fp16", "fp16-noscale", "fp8", "--out", str(out)]
     assert compare.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| fp16 | auto |" in printed and "| fp16-noscale | none |" in printed
@@ -108,7 +108,7 @@ def test_compare_end_to_end_report_plots_and_zero_gradients(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["steps"] == 6 and "policy" not in report["config"]
     rows = {row["name"]: row for row in report["policies"]}
-    assert list(rows) == ["fp16", "fp16-noscale"]
+    assert list(rows) == ["fp16", "fp16-noscale", "fp8"]
     for row in rows.values():
         summary = json.loads((out / row["run_dir"] / "summary.json").read_text())
         assert row["status"] == "ok" and row["policy"] == summary["policy"]
@@ -134,7 +134,12 @@ def test_compare_end_to_end_report_plots_and_zero_gradients(tmp_path, capsys):
     assert unscaled > scaled + 1e-5
     assert rows["fp16-noscale"]["grad_zero_fraction_last"] > rows["fp16"]["grad_zero_fraction_last"]
 
-    for name in ("loss.png", "loss_scale.png"):
+    # the delayed fp8 run logs every fp8 dot's scales of x, w and the gradient at each record
+    records = [json.loads(line) for line in (out / "fp8" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(len(r["fp8_scale"]) == 6 * 4 for r in records)  # 6 dots x 4 blocks
+    assert all(len(scales) == 3 and min(scales) > 1 for scales in records[-1]["fp8_scale"].values())
+    assert "fp8_scale" not in json.loads((out / "fp16" / "metrics.jsonl").read_text().splitlines()[0])
+    for name in ("loss.png", "loss_scale.png", "amax.png"):
         pixels = image.imread(out / name)
         assert pixels.shape[0] > 300 and pixels.shape[1] > 800
         assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50  # more than a blank canvas
@@ -143,12 +148,17 @@ def test_compare_end_to_end_report_plots_and_zero_gradients(tmp_path, capsys):
         "| fp16-noscale | none |" in markdown
         and "](loss.png)" in markdown
         and "](loss_scale.png)" in markdown
+        and "](amax.png)" in markdown
     )
 
-    # a run of the comparison can be diagnosed (the run-directory path of jaxmp.diagnose)
+    # a run of the comparison can be diagnosed (the run-directory path of jaxmp.diagnose), fp8 tensors too
     diagnosis = out / "diagnosis"
-    small = ["--batches", "1", "--batch-size", "2", "--seq-len", "16"]
-    assert diagnose_main(["--model", str(out / "fp16"), *small, "--out", str(diagnosis)]) == 0
+    small = ["--batches", "1", "--batch-size", "2", "--seq-len", "16", "--policy", "fp8"]
+    assert diagnose_main(["--model", str(out / "fp8"), *small, "--out", str(diagnosis)]) == 0
     written = json.loads((diagnosis / "diagnostics.json").read_text())
     assert written["recommended_loss_scale"] >= 1 and written["at_risk"]
+    assert len(written["fp8"]) == 3 * 6 * 4 and all(t["saturated"] == 0 for t in written["fp8"])  # current
+    printed = capsys.readouterr().out
+    fp8_rows = [line for line in printed.splitlines() if "| float8_e" in line]
+    assert "| fp8 dot | tensor | format |" in printed and len(fp8_rows) == 12  # --top
     assert image.imread(diagnosis / "grad_hist.png").shape[0] > 300

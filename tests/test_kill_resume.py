@@ -26,20 +26,29 @@ from helpers import run_params, tensorboard_scalars
 
 from jaxmp.checkpoint import Checkpointer
 
-COMBOS = [  # (save_every, log_every, accum_steps, steps, kills)
-    (1, 3, 1, 40, 7),  # a checkpoint every update: signals keep landing on save boundaries
-    (6, 10, 1, 40, 7),  # periodic saves in the middle of a logging window
-    (3, 2, 4, 16, 7),  # accumulation: kills between the micro-steps of an update
+COMBOS = [  # (save_every, log_every, accum_steps, steps, policy, kills)
+    (1, 3, 1, 40, "fp32", 7),  # a checkpoint every update: signals keep landing on save boundaries
+    (6, 10, 1, 40, "fp32", 7),  # periodic saves in the middle of a logging window
+    # accumulation: kills between the micro-steps of an update, with the delayed fp8 scaling state
+    # (amax histories, and the window's amaxes so far) in every checkpoint
+    (3, 2, 4, 16, "fp8", 7),
 ]
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
 TIMINGS = ("tokens_per_s", "wall_seconds", "step_time_s")
 
 
 def command(
-    corpus: Path, model_dir: Path, out: Path, save_every: int, log_every: int, accum: int, steps: int
+    corpus: Path,
+    model_dir: Path,
+    out: Path,
+    save_every: int,
+    log_every: int,
+    accum: int,
+    steps: int,
+    policy: str,
 ) -> list[str]:
     return [
-        sys.executable, "-m", "jaxmp.train", "--data", str(corpus), "--policy", "fp32", "--out", str(out),
+        sys.executable, "-m", "jaxmp.train", "--data", str(corpus), "--policy", policy, "--out", str(out),
         "--init", str(model_dir),
         "--steps", str(steps), "--batch-size", "2", "--seq-len", "16", "--accum-steps", str(accum),
         "--save-every", str(save_every), "--log-every", str(log_every), "--eval-every", "6",
@@ -122,11 +131,11 @@ def chain_env(cache: Path) -> dict:
 def run_chain(tmp_path: Path, env: dict, model_dir: Path, combo: tuple) -> list[int]:
     """Trains ``combo``'s run straight and as a chain of killed and resumed processes; checks that
     both end equal and returns the signals delivered."""
-    save_every, log_every, accum, steps, kills = combo
+    save_every, log_every, accum, steps, policy, kills = combo
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Now is the winter of our discontent made glorious summer. " * 200)
     straight, chain = tmp_path / "straight", tmp_path / "chain"
-    args = (save_every, log_every, accum, steps)
+    args = (save_every, log_every, accum, steps, policy)
     done = subprocess.run(
         command(corpus, model_dir, straight, *args), env=env, capture_output=True, text=True
     )
@@ -172,6 +181,7 @@ def run_chain(tmp_path: Path, env: dict, model_dir: Path, combo: tuple) -> list[
     ours = Checkpointer(chain / "checkpoints").read_metadata()
     theirs = Checkpointer(straight / "checkpoints").read_metadata()
     assert ours["checksums"] == theirs["checksums"]  # every leaf of the state: params, moments, scale, rng
+    assert any(path.startswith("fp8/dots/") for path in ours["checksums"]) == (policy == "fp8")
     jax.tree.map(np.testing.assert_array_equal, run_params(chain), run_params(straight))
     return delivered
 

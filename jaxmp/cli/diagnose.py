@@ -6,7 +6,9 @@
 checkpoint) or a Hugging Face directory. The batches are the first ``--batches`` training batches
 of ``--data`` (default: the built-in tiny Shakespeare) under the model's tokenizer. Writes
 ``diagnostics.json`` (every entry, see :mod:`jaxmp.diagnostics`) and ``grad_hist.png`` into
-``--out``, and prints the recommended static loss scale and the entries most at risk.
+``--out``, and prints the recommended static loss scale and the entries most at risk; with fp8
+matmuls in the policy, also the fp8 tensors that lose most to saturation and underflow, each scaled
+by its own amax (a run's delayed scales: ``jaxmp.diagnostics.diagnose(..., fp8_scaling=state.fp8)``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from jaxmp.cli import UsageParser, check_output_file, run_cli
 from jaxmp.errors import UsageError
 
-__all__ = ["main", "load_model_and_batches", "format_table"]
+__all__ = ["main", "load_model_and_batches", "format_table", "format_fp8_table"]
 
 _PROG = "python -m jaxmp.diagnose"
 
@@ -92,8 +94,11 @@ def load_model_and_batches(
     return flax_model, params, [dataset.batch(seed, step, batch_size, seq_len) for step in range(batches)]
 
 
-def _percent(fraction: float) -> str:
-    return f"{100 * fraction:.2f}%" if fraction else "0"
+def _percent(fraction: float, digits: int | None = None) -> str:
+    """``fraction`` in percent: two decimals, or ``digits`` significant digits; ``0`` for none."""
+    if not fraction:
+        return "0"
+    return f"{100 * fraction:.2f}%" if digits is None else f"{100 * fraction:.{digits}g}%"
 
 
 def format_table(diagnosis: Any, top: int) -> str:
@@ -109,6 +114,20 @@ def format_table(diagnosis: Any, top: int) -> str:
             f"| {entry.kind} | `{entry.name}` | {entry.dtype} | {reference['max_abs']:.3g} | {_percent(reference['overflow'])} "
             f"| {_percent(reference['underflow'])} | {_percent(reference['subnormal'])} | {_percent(zeros)} "
             f"| {entry.at_scale.relative_error:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def format_fp8_table(tensors: Sequence[Any], top: int) -> str:
+    """A markdown table of the ``top`` fp8 tensors with the largest saturated + underflowed fraction."""
+    lines = [
+        "| fp8 dot | tensor | format | amax | scale | saturated | underflow |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for t in sorted(tensors, key=lambda t: t.saturated + t.underflow, reverse=True)[:top]:
+        lines.append(
+            f"| `{t.dot}` | {t.tensor} | {t.format} | {t.amax:.3g} | {t.scale:.4g} | {_percent(t.saturated, 2)} "
+            f"| {_percent(t.underflow, 2)} |"
         )
     return "\n".join(lines)
 
@@ -174,5 +193,8 @@ def _diagnose_cli(argv: Sequence[str] | None) -> int:
         print("  (nothing here is float16, so no loss scaling is needed: this is what float16 would take)")
     print(f"loss scale --loss-scale {args.loss_scale} settles on: {diagnosis.loss_scale:g}")
     print(format_table(diagnosis, args.top))
+    if diagnosis.fp8:
+        print(f"fp8 matmul tensors (current scaling: each by its own amax), {len(diagnosis.fp8)} in all:")
+        print(format_fp8_table(diagnosis.fp8, args.top))
     print(f"wrote {out / 'diagnostics.json'} and {out / 'grad_hist.png'}")
     return 0

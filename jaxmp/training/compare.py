@@ -198,7 +198,9 @@ def compare(
     _add_ratios(rows)
     plots.plot_losses(curves, out / "loss.png")
     plots.plot_loss_scales(scaled, out / "loss_scale.png")
-    delayed_fp8 = {name: records for name, records in curves.items() if any("fp8_scale" in r for r in records)}
+    delayed_fp8 = {
+        name: records for name, records in curves.items() if any("fp8_scale" in r for r in records)
+    }
     if delayed_fp8:
         plots.plot_fp8_scales(delayed_fp8, out / "amax.png")
     shared = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("policy", "loss_scale", "out")}
