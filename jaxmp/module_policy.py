@@ -12,7 +12,9 @@ same rules from outside, without a change to its code:
   (to the module's output dtype when an override names ``output``; the model's own outputs to
   the policy's output dtype, float32 by default). Flax's layers then compute in that dtype: with
   their ``dtype=None`` default they compute in the dtype of their inputs and params. Works under
-  ``nn.scan``, ``nn.remat``, ``nn.vmap`` and for a module called more than once.
+  ``nn.scan``, ``nn.remat``, ``nn.vmap`` and for a module called more than once. Where the policy's
+  ``matmul`` is fp8, Flax layers that take a ``dot_general`` (``nn.Dense``, ``nn.DenseGeneral``,
+  ``nn.Einsum``) run :func:`jaxmp.fp8.fp8_dot_general` for that call (current scaling).
 * **NNX** (:func:`nnx_with_policy`): a copy of the model whose layers' ``dtype`` attribute is set
   per path, which is what NNX layers compute in (they promote inputs and params to it).
 
@@ -140,6 +142,24 @@ def _linen_path(module: nn.Module) -> str:
     return "/".join(module.path) if module.scope is not None else ""
 
 
+def _takes_dot_general(module: nn.Module) -> bool:
+    """A Flax layer whose matmul is its ``dot_general`` attribute, not set through ``dot_general_cls``."""
+    return hasattr(module, "dot_general") and getattr(module, "dot_general_cls", None) is None
+
+
+@contextlib.contextmanager
+def _dot_general_swapped(module: nn.Module, dot_general: Callable) -> Iterator[None]:
+    """``module.dot_general`` is ``dot_general`` within the block. Linen modules are frozen dataclasses
+    and an interceptor gets the bound instance, not a way to rebuild it: setting the field on that
+    instance for the one call (and restoring it) is the hook Flax leaves."""
+    original = module.dot_general
+    object.__setattr__(module, "dot_general", dot_general)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, "dot_general", original)
+
+
 @contextlib.contextmanager
 def linen_policy(policy: Policy | str) -> Iterator[None]:
     """Within the block, every Linen module call follows ``policy`` at its path (see the module
@@ -159,9 +179,15 @@ def linen_policy(policy: Policy | str) -> Iterator[None]:
         path = _linen_path(context.module)
         module = policy.for_module(path)
         args, kwargs = _cast_floats((args, kwargs), module.compute_dtype)
+        fp8_layer = _takes_dot_general(context.module) and policy.fp8_recipe(path) is not None
         token = _DEPTH.set(depth + 1)
         try:
-            outputs = next_fun(*args, **kwargs)
+            with (
+                _dot_general_swapped(context.module, fp8.fp8_dot_general)
+                if fp8_layer
+                else contextlib.nullcontext()
+            ):
+                outputs = next_fun(*args, **kwargs)
         finally:
             _DEPTH.reset(token)
         if depth == 0 or policy.sets_output(path):
@@ -228,9 +254,9 @@ def model_forward(model: nn.Module | nnx.Module, policy: Policy | str) -> Callab
 
 @dataclasses.dataclass(frozen=True)
 class ModuleRow:
-    """What one module gets. Dtypes are names (``float32``); ``matmul`` is ``compute`` or ``fp8`` for
-    layers whose matmuls can run in fp8 (jaxmp's ``Dense``, NNX's ``Linear``...; see
-    :meth:`jaxmp.Policy.matmul_for`), ``—`` for others; ``rule`` is ``base``,
+    """What one module gets. Dtypes are names (``float32``); ``matmul`` is ``compute`` or an fp8 recipe
+    (``fp8-delayed-16``) for layers whose matmuls can run in fp8 (jaxmp's ``Dense``, Flax's
+    ``nn.Dense``, NNX's ``Linear``...; see :meth:`jaxmp.Policy.matmul_for`), ``—`` for others; ``rule`` is ``base``,
     ``island`` or ``override N``; ``kind`` is the module's class name."""
 
     path: str
@@ -250,7 +276,7 @@ class PolicyTable:
     rows: tuple[ModuleRow, ...]
 
     def __str__(self) -> str:
-        fp8 = any(row.matmul == "fp8" for row in self.rows)  # the column only when it says something
+        fp8 = any(row.matmul.startswith("fp8") for row in self.rows)  # the column only when it says something
         header = ("module", "type", "params", "compute", "output", *(("matmul",) if fp8 else ()), "rule")
         cells = [header] + [
             ((row.path or "(model)"), row.kind, row.params, row.compute, row.output)
@@ -280,11 +306,20 @@ def _row(policy: Policy, path: str, kind: str, fp8_capable: bool) -> ModuleRow:
 
 def _linen_modules(model: nn.Module, example_args: Sequence[Any]) -> list[tuple[str, str]]:
     """``(path, class name)`` of every module ``model.init`` calls, first call first (traced, not run)."""
+    return _trace_linen(model, example_args)[0]
+
+
+def _trace_linen(model: nn.Module, example_args: Sequence[Any]) -> tuple[list[tuple[str, str]], set[str]]:
+    """:func:`_linen_modules`, and the paths of the layers that take a ``dot_general``."""
     seen: dict[str, str] = {}
+    takes_dot_general: set[str] = set()
 
     def record(next_fun, args, kwargs, context):
         if not context.method_name.startswith("<"):
-            seen.setdefault(_linen_path(context.module), type(context.module).__name__)
+            path = _linen_path(context.module)
+            seen.setdefault(path, type(context.module).__name__)
+            if _takes_dot_general(context.module):
+                takes_dot_general.add(path)
         return next_fun(*args, **kwargs)
 
     token = _SEEN.set(seen)
@@ -293,7 +328,7 @@ def _linen_modules(model: nn.Module, example_args: Sequence[Any]) -> list[tuple[
             jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args))
     finally:
         _SEEN.reset(token)
-    return list(seen.items())
+    return list(seen.items()), takes_dot_general
 
 
 def _nnx_modules(model: nnx.Module) -> list[tuple[str, str]]:
@@ -326,18 +361,19 @@ def describe_policy(model: nn.Module | nnx.Module, policy: Policy | str, *exampl
       ValueError: an override that matches no module (see :func:`check_overrides`).
     """
     policy = get_policy(policy)
-    modules = module_paths(model, *example_args)
-    check_overrides(policy, [path for path, _ in modules])
-    # The layers whose matmuls can run in fp8: jaxmp's Dense; NNX's layers that take a dot_general.
-    # (A user's Linen layers cannot yet: interception cannot change their dot_general.)
-    if is_jaxmp_model(model):
-        fp8_paths = {path for path, kind in modules if kind == "Dense"}
-    elif isinstance(model, nnx.Module):
+    # The layers whose matmuls can run in fp8: jaxmp's Dense; Flax's layers that take a dot_general.
+    if isinstance(model, nnx.Module):
+        modules = _nnx_modules(model)
         fp8_paths = {
             _nnx_path(path) for path, module in nnx.iter_modules(model) if hasattr(module, "dot_general")
         }
     else:
-        fp8_paths = set()
+        if not example_args:
+            module_paths(model)  # raises: a Linen model needs example arguments
+        modules, fp8_paths = _trace_linen(model, example_args)
+        if is_jaxmp_model(model):
+            fp8_paths = {path for path, kind in modules if kind == "Dense"}
+    check_overrides(policy, [path for path, _ in modules])
     return PolicyTable(
         str(policy), tuple(_row(policy, path, kind, path in fp8_paths) for path, kind in modules)
     )

@@ -451,3 +451,32 @@ def test_a_planted_spike_saturates_delayed_scaling_for_one_step_and_current_scal
     assert all(value == 0 for value in saturated(spiked, None).values())  # current scaling adapts at once
     state, _ = step(state.replace(params=spiked), batches[2])  # one step records the spike's amax
     assert all(value == 0 for value in saturated(state.params, state.fp8).values())
+
+
+def test_a_users_linen_layers_run_fp8_dots_where_the_policy_says():
+    from user_models import TinyLM
+
+    model = TinyLM(vocab=256)
+    ids = jnp.zeros((2, 8), jnp.int32)
+    params = model.init(jax.random.key(0), ids)["params"]
+
+    def loss_fn(params, batch, rng):
+        del rng
+        return lm_loss(model.apply({"params": params}, batch["input_ids"]), batch["targets"]), {}
+
+    def step_jaxpr(policy):
+        optimizer = jaxmp.make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10)
+        state = jaxmp.TrainState.create(params=params, optimizer=optimizer)
+        step = jaxmp.make_train_step(loss_fn, optimizer, policy, cast_params="per_module", jit=False)
+        return jax.make_jaxpr(step)(state, {"input_ids": ids, "targets": ids}).jaxpr
+
+    dots = 2 * 6  # per block: the attention's query, key, value, out (DenseGeneral); mlp up, down (Dense)
+    jaxpr = step_jaxpr("fp8-current")
+    assert (conversions(jaxpr, E4M3), conversions(jaxpr, E5M2)) == (2 * dots, dots)  # lm_head stays out
+    jaxpr = step_jaxpr("fp8-current;.*mlp.*:matmul=compute")
+    assert (conversions(jaxpr, E4M3), conversions(jaxpr, E5M2)) == (2 * (dots - 4), dots - 4)
+    assert conversions(step_jaxpr("bf16"), E4M3) == 0
+    rows = {row.path: row.matmul for row in jaxmp.describe_policy(model, "fp8-current", ids).rows}
+    assert rows["blocks_0/mlp/up"] == rows["blocks_1/attention/query"] == "fp8-current"
+    assert rows["lm_head"] == "compute" and rows["embed"] == "—" and rows["blocks_0/LayerNorm_0"] == "—"
+    assert "matmul" in str(jaxmp.describe_policy(model, "fp8-current", ids)).splitlines()[1]
