@@ -51,9 +51,9 @@ def quality(run_dir: str) -> dict:
     """Validation perplexity per policy, and greedy agreement with fp32 over ``PROMPTS`` prompts."""
     loaded = load_model(run_dir, "fp32")
     run = loaded.run_config
-    data = LMDataConfig(data=run["data"], tokenizer=run["tokenizer"], cache_dir=str(Path(run_dir) / "cache"))
+    data = LMDataConfig(data=run.data, tokenizer=run.tokenizer, cache_dir=str(Path(run_dir) / "cache"))
     val_N = np.asarray(load_lm_dataset(data).val_tokens, np.int32)
-    seq_len = run["seq_len"]
+    seq_len = run.seq_len
     perplexities = evaluate_policies(loaded, list(QUALITY_POLICIES.values()), val_N, seq_len, batch_size=16)
     prompt_tokens = seq_len // 2
     starts = np.linspace(0, len(val_N) - prompt_tokens, PROMPTS).astype(int)
@@ -75,7 +75,7 @@ def quality(run_dir: str) -> dict:
                 "greedy_agreement": agreement,
             }
         )
-    print(f"## Quality of {run_dir} ({run['model']}, {len(val_N)} validation tokens, seq_len {seq_len})\n")
+    print(f"## Quality of {run_dir} ({run.model}, {len(val_N)} validation tokens, seq_len {seq_len})\n")
     print(markdown_table(perplexities) + "\n")
     print("| policy | perplexity vs fp32 | greedy tokens agreeing with fp32 |")
     print("| --- | ---: | ---: |")

@@ -409,6 +409,15 @@ def test_an_fp16_loss_scale_scales_the_recorded_gradient_amax():
     assert recorded[2.0**10][2] == pytest.approx(2.0**10 * recorded[1.0][2], rel=2e-3)
 
 
+def test_delayed_scaling_with_pure_bf16_master_weights_records_the_stored_weights():
+    step, state, _ = two_dense("pure-bf16;.*:matmul=fp8", accum_steps=1)
+    kernel = np.asarray(state.params["up"]["kernel"].astype(jnp.float32))
+    assert state.params["up"]["kernel"].dtype == jnp.bfloat16
+    trained, metrics = step(state, stacked(micro_batches([1.0])))
+    assert bool(metrics["grads_finite"].all()) and trained.params["up"]["kernel"].dtype == jnp.bfloat16
+    assert newest(trained)["up"][1] == float(np.abs(kernel).max())  # w's amax: the bf16 weights as stored
+
+
 def test_delayed_scaling_under_scanned_rematerialised_layers_equals_the_layer_by_layer_model():
     runs = {}
     for config in ({}, {"scan_layers": True, "remat": True}):
