@@ -14,6 +14,11 @@ _XLA_CACHE = tempfile.mkdtemp(prefix="jaxmp-tests-xla-cache-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The tests' programs are tiny and compiled once or twice each: LLVM's lowest optimisation level
+# compiles them faster than its default runs them slower. It changes machine code, not the HLO the
+# tests inspect; the CLI subprocesses inherit it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

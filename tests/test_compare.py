@@ -100,7 +100,20 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(tmp_path, capsys):
 
 def test_compare_end_to_end_report_plots_and_zero_gradients(tmp_path, capsys):
     out = tmp_path / "report"
-    argv = [*TINY, "--log-every", "1", "--policies", "fp16", "fp16-noscale", "fp8", "--out", str(out)]
+    # --overwrite of a directory that does not exist yet is a fresh start (it once removed the
+    # checkpoints folder the run had just made)
+    argv = [
+        *TINY,
+        "--log-every",
+        "1",
+        "--policies",
+        "fp16",
+        "fp16-noscale",
+        "fp8",
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
     assert compare.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| fp16 | auto |" in printed and "| fp16-noscale | none |" in printed

@@ -211,9 +211,9 @@ def _prepare(config: TrainConfig, mesh, run_dir: RunDir, log: Callable):
     distributed.barrier("jaxmp.training.loop: inputs checked")  # before process 0 writes what others check
     task = feed_by_processes(task, mesh, config.batch_size)
     state, train_step = make_state(config, task, mesh, log)
-    checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
     window_losses: list[float] = []
     if config.resume:
+        checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
         latest = checkpointer.latest_step()
         total_micro = config.steps * config.accum_steps
         if latest == total_micro and run_dir.finished():
@@ -231,6 +231,8 @@ def _prepare(config: TrainConfig, mesh, run_dir: RunDir, log: Callable):
             log(f"resuming {run_dir.path} at update {update} (micro-step {int(state.step)})")
         run_dir.trim_metrics(update)  # records logged after the checkpoint are logged again
     run_dir.start(config, task.identity)
+    if not config.resume:  # after `start`, which removes an overwritten run's checkpoints/ folder
+        checkpointer = Checkpointer(run_dir.checkpoint_dir, keep=config.keep_checkpoints)
     return task, state, train_step, checkpointer, window_losses
 
 
