@@ -100,6 +100,38 @@ def plot_fp8_scales(runs: Mapping[str, Records], path: str | os.PathLike, layers
     _save(figure, path)
 
 
+def plot_sensitivity(options: Sequence[Any], assignment: Mapping[str, str], path: str | os.PathLike) -> None:
+    """Per unit and candidate dtype (``jaxmp.policy_search.Option``): the predicted validation loss
+    change (left; a cross where the unit breaks under the dtype) and the saving (right); the chosen
+    options' bars are outlined."""
+    figure = Figure(figsize=(13, 0.35 * len({o.unit for o in options}) + 2.5), layout="constrained")
+    loss_axes, saving_axes = figure.subplots(1, 2, sharey=True)
+    units = list(dict.fromkeys(o.unit for o in options))
+    dtypes = list(dict.fromkeys(o.dtype for o in options))
+    height = 0.8 / len(dtypes)
+    for index, dtype in enumerate(dtypes):
+        chosen = [o for o in options if o.dtype == dtype]
+        rows = np.array([units.index(o.unit) for o in chosen]) + index * height - 0.4 + height / 2
+        increases = np.array([o.loss_increase for o in chosen], dtype=float)
+        finite = np.isfinite(increases)
+        edges = ["black" if assignment.get(o.unit) == dtype else "none" for o in chosen]
+        loss_axes.barh(
+            rows[finite], increases[finite], height, label=dtype, edgecolor=np.array(edges)[finite]
+        )
+        loss_axes.plot(np.zeros((~finite).sum()), rows[~finite], "x", color="red", markersize=9)
+        saving_axes.barh(rows, [o.saving for o in chosen], height, label=dtype, edgecolor=edges)
+    loss_axes.set_yticks(range(len(units)), units)
+    loss_axes.invert_yaxis()
+    loss_axes.set_xscale("symlog", linthresh=1e-4)
+    loss_axes.set_title("predicted validation loss change (x: breaks)")
+    saving_axes.set_title("saving when lowered (outlined: chosen)")
+    for axes in (loss_axes, saving_axes):
+        axes.axvline(0, color="gray", linewidth=0.8)
+        axes.grid(alpha=0.3, axis="x")
+    saving_axes.legend()
+    _save(figure, path)
+
+
 def plot_grad_histograms(histograms: Sequence[Histogram], title: str, path: str | os.PathLike) -> None:
     """One panel per loss scale: ``log2 |gradient|`` of the policy (bars) and of fp32 (outline).
 

@@ -50,13 +50,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def load_model_and_batches(
-    model: str, data: str | None, *, seed: int, batches: int, batch_size: int, seq_len: int
-) -> tuple[Any, Any, list[dict]]:
-    """Returns ``(model, float32 params, batches)`` for a preset, run directory or Hugging Face directory.
+    model: str,
+    data: str | None,
+    *,
+    seed: int,
+    batches: int,
+    batch_size: int,
+    seq_len: int,
+    val_batches: int = 0,
+) -> tuple[Any, Any, list[dict], list[dict]]:
+    """Returns ``(model, float32 params, training batches, validation batches)`` for a preset, run
+    directory or Hugging Face directory (at most ``val_batches`` of the latter: the corpus' held-out
+    split).
 
     Raises:
       UsageError: an unknown model, a model that is not a causal LM, or a sequence too long for it.
-      DataError: unreadable data or too few tokens.
+      DataError: unreadable data or too few tokens (for a validation batch too, when asked for one).
     """
     import jax
 
@@ -91,7 +100,9 @@ def load_model_and_batches(
         params = models.init_params(flax_model, jax.random.key(seed), seq_len)
     tokens_N = pack_tokens(corpus, tokenizer, LMDataConfig().cache_dir)
     dataset = LMDataset(tokens_N, int(len(tokens_N) * LMDataConfig().val_fraction), tokenizer)
-    return flax_model, params, [dataset.batch(seed, step, batch_size, seq_len) for step in range(batches)]
+    train = [dataset.batch(seed, step, batch_size, seq_len) for step in range(batches)]
+    val = list(dataset.val_batches(batch_size, seq_len, val_batches)) if val_batches else []
+    return flax_model, params, train, val
 
 
 def _percent(fraction: float, digits: int | None = None) -> str:
@@ -165,7 +176,7 @@ def _diagnose_cli(argv: Sequence[str] | None) -> int:
         scaling.make_loss_scale(args.loss_scale, policy)
     except ValueError as error:
         raise UsageError(f"--policy/--loss-scale: {error}") from None
-    model, params, batches = load_model_and_batches(
+    model, params, batches, _ = load_model_and_batches(
         args.model,
         args.data,
         seed=args.seed,

@@ -43,6 +43,7 @@ class PolicyRun:
       step_seconds: median wall time of a step (compilation left out).
       skipped_steps: steps dropped for non-finite gradients.
       final_loss_scale: the loss scale at the end.
+      params: the trained params (on the host), with ``keep_params``; else None.
     """
 
     policy: str
@@ -51,6 +52,7 @@ class PolicyRun:
     step_seconds: float
     skipped_steps: int
     final_loss_scale: float
+    params: Any = None
 
 
 def compare_policies(
@@ -64,6 +66,7 @@ def compare_policies(
     eval_batches: Sequence[Any] = (),
     learning_rate: float = 1e-3,
     loss_scale: str = "auto",
+    keep_params: bool = False,
 ) -> list[PolicyRun]:
     """Trains ``model`` from ``params`` for ``steps`` steps under each policy.
 
@@ -79,6 +82,7 @@ def compare_policies(
       eval_batches: batches for the evaluation after training.
       learning_rate: AdamW's peak rate (linear warmup over the first tenth, cosine decay).
       loss_scale: ``auto`` (dynamic when a policy uses float16), ``none``, ``dynamic`` or ``static:N``.
+      keep_params: return each run's trained params (``PolicyRun.params``).
 
     Raises:
       ValueError: no policy, no batch, ``steps < 1``, or a policy that does not parse.
@@ -122,6 +126,7 @@ def compare_policies(
                 step_seconds=statistics.median(seconds[1:] or seconds),  # the first step compiles
                 skipped_steps=int(state.skipped_steps),
                 final_loss_scale=float(state.loss_scale.loss_scale),
+                params=jax.device_get(state.params) if keep_params else None,
             )
         )
     return runs
