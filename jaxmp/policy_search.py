@@ -66,28 +66,34 @@ def units_of(module_paths: Sequence[str], depth: int) -> list[str]:
 def choose(options: Sequence[Option], budget: float) -> dict[str, str]:
     """``{unit: dtype}`` for the units to lower; the others stay float32.
 
-    A multiple-choice knapsack (at most one dtype per unit, predicted loss increases summed within
-    ``budget``), solved greedily: options in decreasing order of saving per unit of loss increase
-    (an increase at or below zero, i.e. within noise, counts as free and goes first, largest saving
-    first), each taken if its unit is still free and it fits what is left of the budget. With a few
-    dozen units and increases that are small and roughly additive, the greedy answer is what an exact
-    solver would give up to the noise of the increases themselves; the verification run that follows
-    is the real check.
+    A multiple-choice knapsack (at most one candidate per unit, predicted loss increases summed within
+    ``budget``; an increase below zero is noise and counts as zero), solved greedily by moves: from
+    every unit's current choice (float32: no cost, no saving) to one of its options that saves more,
+    take the move with the most saving per unit of *added* loss increase that still fits (a move that
+    adds none goes first, largest saving first), and repeat until no move fits. Moving a unit again
+    lets it trade a cheap small saving for a larger one when the budget allows. With a few dozen units
+    and increases that are small and roughly additive, this is what an exact solver would give up to
+    the noise of the measurements themselves; the verification run that follows is the real check.
     """
-    worth = [o for o in options if o.saving > 0 and math.isfinite(o.loss_increase) and o.overflow == 0]
-
-    def efficiency(option: Option) -> tuple[float, float]:
-        cost = max(option.loss_increase, 0.0)
-        return (math.inf if cost == 0 else option.saving / cost, option.saving)
-
-    chosen: dict[str, str] = {}
+    usable = [o for o in options if o.saving > 0 and math.isfinite(o.loss_increase) and o.overflow == 0]
+    chosen: dict[str, Option] = {}
     left = budget
-    for option in sorted(worth, key=efficiency, reverse=True):
-        cost = max(option.loss_increase, 0.0)
-        if option.unit not in chosen and cost <= left:
-            chosen[option.unit] = option.dtype
-            left -= cost
-    return chosen
+    while True:
+        best, best_key = None, None
+        for option in usable:
+            current = chosen.get(option.unit)
+            saved, spent = (current.saving, max(current.loss_increase, 0.0)) if current else (0.0, 0.0)
+            gain, cost = option.saving - saved, max(option.loss_increase, 0.0) - spent
+            if gain <= 0 or cost > left:
+                continue
+            key = (math.inf if cost <= 0 else gain / cost, gain)
+            if best_key is None or key > best_key:
+                best, best_key = option, key
+        if best is None:
+            return {unit: option.dtype for unit, option in chosen.items()}
+        current = chosen.get(best.unit)
+        left -= max(best.loss_increase, 0.0) - (max(current.loss_increase, 0.0) if current else 0.0)
+        chosen[best.unit] = best
 
 
 def _alternation(units: Sequence[str]) -> str:
@@ -105,6 +111,7 @@ def _alternation(units: Sequence[str]) -> str:
         if len(key) == 1:
             parts.append(re.escape(key[0]))
         else:
+            numbers = sorted(numbers, key=int)
             numbers_re = numbers[0] if len(numbers) == 1 else f"(?:{'|'.join(numbers)})"
             parts.append(f"{re.escape(key[0])}{numbers_re}{re.escape(key[1])}")
     return parts[0] if len(parts) == 1 else f"(?:{'|'.join(parts)})"

@@ -27,10 +27,17 @@ def test_the_greedy_knapsack_takes_the_best_saving_per_loss_within_the_budget():
         Option("d", "bfloat16", 0.0, -5.0),  # costs more than it saves: never
         Option("e", "float16", 0.0, 50.0, overflow=0.01),  # breaks float16's range: never
         Option("f", "bfloat16", math.inf, 99.0),  # breaks: never
+        Option("g", "float16", -1e-6, 1.0),  # free but small ...
+        Option("g", "bfloat16", 1e-4, 8.0),  # ... and where the budget allows, the larger saving
     ]
-    assert choose(options, budget=0.005) == {"c": "bfloat16", "a": "float16"}  # b does not fit what is left
-    assert choose(options, budget=0.006) == {"c": "bfloat16", "a": "float16", "b": "bfloat16"}
-    assert choose(options, budget=0.0) == {"c": "bfloat16"}
+    assert choose(options, budget=0.005) == {"g": "bfloat16", "c": "bfloat16", "a": "float16"}  # b: no room
+    assert choose(options, budget=0.0062) == {
+        "g": "bfloat16",
+        "c": "bfloat16",
+        "a": "float16",
+        "b": "bfloat16",
+    }
+    assert choose(options, budget=0.0) == {"g": "float16", "c": "bfloat16"}
 
 
 def test_the_policy_string_matches_exactly_the_chosen_units_and_keeps_the_islands():
