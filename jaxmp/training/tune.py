@@ -13,8 +13,9 @@
 3. **Cost**, measured, not assumed: ``memory``: the bytes the forward pass keeps for the backward
    pass (the residuals of ``jax.vjp``: activation memory, whatever the backend then does with it),
    float32 minus lowered; ``speed``: the median time of a compiled train step with only that unit
-   lowered, float32 minus lowered, interleaved rounds (on a CPU without native bf16 every saving can
-   be negative, and the answer is float32).
+   lowered, float32 minus lowered, over interleaved rounds; a saving within twice the float32
+   step's own spread (median absolute deviation over the rounds) is noise and counts as none (on
+   a CPU without native bf16 every saving can be negative or noise, and the answer is float32).
 4. **Search** (:func:`jaxmp.policy_search.choose`): the greedy multiple-choice knapsack within
    ``budget`` (relative to the reference loss).
 5. **Verify.** The chosen policy trains from the same params on the same batches; if its validation
@@ -114,8 +115,9 @@ def _residual_bytes(forward: Callable, params: Any, batch: dict, loss_fn: Callab
 
 def _step_seconds(
     model: Any, params: Any, policies: Sequence[str], batch: dict, loss_fn: Callable, rounds: int
-) -> list[float]:
-    """Median seconds of a compiled train step under each policy, over ``rounds`` interleaved rounds."""
+) -> tuple[list[float], float]:
+    """Median seconds of a compiled train step under each policy, over ``rounds`` interleaved rounds,
+    and the median absolute deviation of the first policy's rounds (the timing noise)."""
     optimizer = make_optimizer(learning_rate=1e-4)
     steps = []
     for policy in policies:
@@ -138,7 +140,8 @@ def _step_seconds(
             started = time.perf_counter()
             jax.block_until_ready(compiled(state, batch))
             seconds[index].append(time.perf_counter() - started)
-    return [statistics.median(s) for s in seconds]
+    medians = [statistics.median(s) for s in seconds]
+    return medians, statistics.median(abs(s - medians[0]) for s in seconds[0])
 
 
 def tune(
@@ -154,7 +157,7 @@ def tune(
     depth: int = 2,
     loss_fn: Callable[[Any, dict], jax.Array] = lm_loss_of,
     learning_rate: float = 1e-3,
-    rounds: int = 5,
+    rounds: int = 15,
     max_backoffs: int = 3,
     log: Callable[[str], None] = lambda message: None,
 ) -> TuneResult:
@@ -228,10 +231,14 @@ def tune(
             for pair in pairs
         }
     else:
-        seconds = _step_seconds(
+        seconds, noise = _step_seconds(
             model, trained, ["fp32", *(single(*pair) for pair in pairs)], train_batches[0], loss_fn, rounds
         )
         savings = {pair: seconds[0] - s for pair, s in zip(pairs, seconds[1:], strict=True)}
+        savings = {
+            pair: saving if saving > 2 * noise else min(saving, 0.0) for pair, saving in savings.items()
+        }
+        log(f"fp32 step {1e3 * seconds[0]:.1f} ms, timing noise {1e3 * noise:.2f} ms")
     log(f"cost ({objective}): measured")
     options = [
         Option(unit, dtype, increases[(unit, dtype)], savings[(unit, dtype)], ranges[dtype][unit][0])
