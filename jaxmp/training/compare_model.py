@@ -29,7 +29,7 @@ from jaxmp.precision import get_policy
 from jaxmp.scaling import make_loss_scale
 from jaxmp.train_step import TrainState, make_eval_step, make_train_step
 
-__all__ = ["PolicyRun", "compare_policies", "markdown_table"]
+__all__ = ["PolicyRun", "compare_policies", "markdown_table", "policy_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,18 @@ class PolicyRun:
     skipped_steps: int
     final_loss_scale: float
     params: Any = None
+
+
+def policy_loss(model: Any, policy: Any, loss_fn: Callable[[Any, Any], jax.Array]) -> Callable:
+    """``train_loss(params, batch, rng) -> (loss, {})`` of ``model`` under ``policy`` (per module,
+    :func:`model_forward`), for ``make_train_step``/``make_eval_step`` with ``cast_params=False``."""
+    forward = model_forward(model, policy)
+
+    def train_loss(params, batch, rng):
+        del rng
+        return loss_fn(forward(params, batch["input_ids"]), batch), {}
+
+    return train_loss
 
 
 def compare_policies(
@@ -94,11 +106,7 @@ def compare_policies(
     parsed = [get_policy(policy) for policy in policies]  # every policy parses before any training
     runs = []
     for policy in parsed:
-        forward = model_forward(model, policy)
-
-        def train_loss(params, batch, rng, forward=forward):
-            del rng
-            return loss_fn(forward(params, batch["input_ids"]), batch), {}
+        train_loss = policy_loss(model, policy, loss_fn)
 
         optimizer = make_optimizer(
             learning_rate=learning_rate, warmup_steps=max(steps // 10, 1), total_steps=steps, weight_decay=0.0

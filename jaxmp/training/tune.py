@@ -44,7 +44,7 @@ from jaxmp.optim import make_optimizer
 from jaxmp.policy_search import Option, candidate_name, check_assignment, choose, policy_string, units_of
 from jaxmp.precision import get_policy
 from jaxmp.train_step import TrainState, make_train_step
-from jaxmp.training.compare_model import PolicyRun, compare_policies
+from jaxmp.training.compare_model import PolicyRun, compare_policies, policy_loss
 
 __all__ = ["OBJECTIVES", "TuneResult", "tune"]
 
@@ -121,12 +121,7 @@ def _step_seconds(
     optimizer = make_optimizer(learning_rate=1e-4)
     steps = []
     for policy in policies:
-        forward = model_forward(model, policy)
-
-        def train_loss(params, batch, rng, forward=forward):
-            del rng
-            return loss_fn(forward(params, batch["input_ids"]), batch), {}
-
+        train_loss = policy_loss(model, policy, loss_fn)
         state = TrainState.create(params=params, optimizer=optimizer)
         step = make_train_step(
             train_loss, optimizer, policy, cast_params=False, cast_batch=False, donate=False
