@@ -3,11 +3,12 @@
 Grammar (a superset of jmp's)::
 
     SPEC     := BASE (';' OVERRIDE)*
-    BASE     := PRESET | KEY '=' DTYPE (',' KEY '=' DTYPE)*
+    BASE     := (PRESET | KEY '=' DTYPE) (',' KEY '=' DTYPE)*
     OVERRIDE := PATTERN ':' KEY '=' DTYPE (',' KEY '=' DTYPE)*
-    KEY      := params | p | compute | c | output | o | matmul | m
+    KEY      := params | p | compute | c | output | o | matmul | m | weights | w | kv
     DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
-                (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY])
+                (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY];
+                 weights: param | int8 | fp8;  kv: compute | int8 | fp8 | a float DTYPE)
     PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | fp8-current | auto
 
 Differences from ``jmp.get_policy``:
@@ -28,6 +29,14 @@ Differences from ``jmp.get_policy``:
   tensor by its own amax (:class:`jaxmp.fp8.Recipe`). The islands, embeddings and output heads stay
   out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16 with fp8 matmuls
   (delayed scaling); ``fp8-current`` the same with current scaling.
+* Serving keys (:mod:`jaxmp.quantize`): ``weights=int8`` or ``weights=fp8`` stores a module's dense
+  kernels in 8 bits with one float32 scale per output channel (quantised once, when a model is
+  loaded for inference); ``param`` (the default) keeps its param dtype. ``kv=int8|fp8`` stores an
+  attention layer's KV cache in 8 bits with a float32 scale per token and head, ``kv=bfloat16`` (or
+  another float dtype) in that dtype; ``compute`` (the default) in the layer's compute dtype. As for
+  fp8 matmuls, the islands, embeddings and output heads keep their weights unless an override names
+  them (``int8;.*embed.*:weights=int8``). Training refuses both keys: they describe how a trained
+  model is served. A preset may be followed by more keys: ``bf16,weights=int8,kv=int8``.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ __all__ = [
     "dtype_name",
     "FP32_ISLANDS",
     "FP8_EXCLUDED",
+    "WEIGHT_FORMATS",
 ]
 
 _DTYPE_NAMES: Mapping[str, Any] = {
@@ -76,19 +86,27 @@ _KEYS: Mapping[str, str] = {
     "o": "output_dtype",
     "matmul": "matmul",
     "m": "matmul",
+    "weights": "weights",
+    "w": "weights",
+    "kv": "kv",
 }
 _CANONICAL_KEY = {
     "param_dtype": "params",
     "compute_dtype": "compute",
     "output_dtype": "output",
     "matmul": "matmul",
+    "weights": "weights",
+    "kv": "kv",
 }
 _FIELDS = ("param_dtype", "compute_dtype", "output_dtype")  # the dtypes, as jmp.Policy holds them
-_ALL_FIELDS = (*_FIELDS, "matmul")
+_MODE_FIELDS = ("matmul", "weights", "kv")  # string-valued keys; each has a default that means "as before"
+_MODE_DEFAULTS = {"matmul": "compute", "weights": "param", "kv": "compute"}
+_ALL_FIELDS = (*_FIELDS, *_MODE_FIELDS)
+WEIGHT_FORMATS = ("param", "int8", "fp8")
 # Module paths that compute in float32 unless a user override matches them first.
 FP32_ISLANDS = re.compile(r"(?i:.*norm.*)|(.*/)?softmax|(.*/)?logits")  # Flax names norms LayerNorm_0
-# Module paths whose matmuls stay out of fp8 unless a user override asks: the islands, embeddings
-# and the output heads.
+# Module paths whose matmuls stay out of fp8, and whose weights out of 8-bit storage, unless a user
+# override asks: the islands, embeddings and the output heads.
 FP8_EXCLUDED = re.compile(
     FP32_ISLANDS.pattern + r"|(?i:.*embed.*)|(.*/)?(lm_head|head|classifier|pooler)(/.*)?"
 )
@@ -122,12 +140,33 @@ def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
 
+def _parse_mode(field: str, value: str, *, where: str) -> str:
+    """The canonical value of a string-valued key: ``matmul`` (``compute`` or an fp8 recipe such as
+    ``fp8-delayed-16``), ``weights`` (``WEIGHT_FORMATS``) or ``kv`` (``compute``, ``int8``, ``fp8`` or a
+    float dtype's canonical name)."""
+    name = value.strip().lower()
+    if field == "matmul":
+        try:
+            recipe = Recipe.parse(name)
+        except ValueError:
+            raise ValueError(f"unknown matmul {value!r} in {where}; valid: {Recipe.GRAMMAR}") from None
+        return "compute" if recipe is None else str(recipe)
+    if field == "weights" and name in WEIGHT_FORMATS:
+        return name
+    if field == "kv" and name in ("compute", "int8", "fp8"):
+        return name
+    if field == "kv" and name in _DTYPE_NAMES:
+        return dtype_name(parse_dtype(name))
+    valid = WEIGHT_FORMATS if field == "weights" else ("compute", "int8", "fp8", *_DTYPE_NAMES)
+    raise ValueError(f"unknown {field} {value!r} in {where}; valid: {', '.join(valid)}")
+
+
 def _parse_assignments(text: str, *, where: str) -> dict[str, Any]:
-    """Parses ``key=dtype,key=dtype`` into ``{field: dtype}`` (``matmul``: ``compute`` or a canonical
-    fp8 recipe, e.g. ``fp8-delayed-16``)."""
+    """Parses ``key=dtype,key=dtype`` into ``{field: value}``: a numpy dtype for params/compute/output,
+    a canonical string for the string-valued keys (:func:`_parse_mode`)."""
     if not text.strip():
         raise ValueError(f"empty {where}; expected key=dtype pairs with keys {', '.join(_KEYS)}")
-    assignments: dict[str, np.dtype] = {}
+    assignments: dict[str, Any] = {}
     for token in text.split(","):
         if "=" not in token:
             raise ValueError(f"{token.strip()!r} in {where} is not key=dtype; valid keys: {', '.join(_KEYS)}")
@@ -137,14 +176,10 @@ def _parse_assignments(text: str, *, where: str) -> dict[str, Any]:
             raise ValueError(f"unknown key {key!r} in {where}; valid keys: {', '.join(_KEYS)}")
         if field in assignments:
             raise ValueError(
-                f"duplicate key {key!r} in {where}; give each of params/compute/output/matmul once"
+                f"duplicate key {key!r} in {where}; give each of {', '.join(_CANONICAL_KEY.values())} once"
             )
-        if field == "matmul":
-            try:
-                recipe = Recipe.parse(value)
-            except ValueError:
-                raise ValueError(f"unknown matmul {value!r} in {where}; valid: {Recipe.GRAMMAR}") from None
-            assignments[field] = "compute" if recipe is None else str(recipe)
+        if field in _MODE_FIELDS:
+            assignments[field] = _parse_mode(field, value, where=where)
         else:
             assignments[field] = parse_dtype(value)
     return assignments
@@ -160,6 +195,9 @@ class Policy:
       output_dtype: dtype of model outputs and losses.
       matmul: how matmuls run: ``compute`` (in the compute dtype) or an fp8 recipe such as
         ``fp8-delayed-16`` or ``fp8-current`` (:class:`jaxmp.fp8.Recipe`).
+      weights: how a served model stores dense kernels: ``param`` (the param dtype), ``int8`` or ``fp8``.
+      kv: how a served model stores its KV cache: ``compute`` (the attention layer's compute dtype),
+        ``int8``, ``fp8`` or a float dtype name.
       overrides: ``((pattern, ((field, dtype), ...)), ...)`` in priority order.
     """
 
@@ -167,6 +205,8 @@ class Policy:
     compute_dtype: np.dtype = np.dtype(np.float32)
     output_dtype: np.dtype = np.dtype(np.float32)
     matmul: str = "compute"
+    weights: str = "param"
+    kv: str = "compute"
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @property
@@ -200,15 +240,39 @@ class Policy:
                 return number, dict(assignments)
         return 0, {}
 
-    def matmul_for(self, path: str) -> str:
-        """How the matmuls of the module at ``path`` run (``compute`` or an fp8 recipe such as
-        ``fp8-delayed-16``): the first matching override's ``matmul`` if it names one, else
-        ``compute`` for islands, embeddings and output heads (``FP8_EXCLUDED``), else the base
-        policy's."""
-        named = self._override_for(path)[1].get("matmul")
+    def _mode_for(self, field: str, path: str) -> str:
+        """A string-valued key for the module at ``path``: the first matching override's value if it
+        names one, else the default for islands, embeddings and output heads (``FP8_EXCLUDED``), else
+        the base policy's."""
+        named = self._override_for(path)[1].get(field)
         if named is not None:
             return named
-        return "compute" if FP8_EXCLUDED.fullmatch(path) else self.matmul
+        return _MODE_DEFAULTS[field] if FP8_EXCLUDED.fullmatch(path) else getattr(self, field)
+
+    def matmul_for(self, path: str) -> str:
+        """How the matmuls of the module at ``path`` run: ``compute`` or an fp8 recipe such as
+        ``fp8-delayed-16`` (islands, embeddings and heads: ``compute`` unless an override names them)."""
+        return self._mode_for("matmul", path)
+
+    def weights_for(self, path: str) -> str:
+        """How the module at ``path`` stores its kernel when served: ``param``, ``int8`` or ``fp8``
+        (islands, embeddings and heads: ``param`` unless an override names them)."""
+        return self._mode_for("weights", path)
+
+    def kv_dtype(self, path: str) -> np.dtype:
+        """Storage dtype of the KV cache of the attention layer at ``path``: its compute dtype for
+        ``kv=compute``, ``int8``, ``float8_e4m3fn`` or the named float dtype."""
+        kv = self._mode_for("kv", path)
+        if kv == "compute":
+            return np.dtype(self.for_module(path).compute_dtype)
+        return np.dtype({"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(kv, kv))
+
+    @property
+    def serving_only(self) -> tuple[str, ...]:
+        """The serving keys (``weights``, ``kv``) this policy sets anywhere; training refuses them."""
+        named = {field for field in ("weights", "kv") if getattr(self, field) != _MODE_DEFAULTS[field]}
+        named.update(field for _, rule in self.overrides for field, _ in rule if field in ("weights", "kv"))
+        return tuple(sorted(named))
 
     def fp8_recipe(self, path: str) -> Recipe | None:
         """The fp8 recipe of the module at ``path``'s matmuls; None when they run in its compute dtype."""
@@ -259,12 +323,13 @@ class Policy:
 
     def __str__(self) -> str:
         base = ",".join(f"{_CANONICAL_KEY[f]}={dtype_name(getattr(self, f))}" for f in _FIELDS)
-        if self.matmul != "compute":
-            base += f",matmul={self.matmul}"
+        base += "".join(
+            f",{f}={getattr(self, f)}" for f in _MODE_FIELDS if getattr(self, f) != _MODE_DEFAULTS[f]
+        )
         parts = [base]
         for pattern, assignments in self.overrides:
             body = ",".join(
-                f"{_CANONICAL_KEY[f]}={d if f == 'matmul' else dtype_name(d)}" for f, d in assignments
+                f"{_CANONICAL_KEY[f]}={d if f in _MODE_FIELDS else dtype_name(d)}" for f, d in assignments
             )
             parts.append(f"{pattern}:{body}")
         return ";".join(parts)
@@ -291,18 +356,25 @@ def _parse_override(text: str) -> tuple[str, tuple[tuple[str, np.dtype], ...]]:
     return pattern, ordered
 
 
-def _parse_base(text: str) -> dict[str, np.dtype]:
+def _parse_base(text: str) -> dict[str, Any]:
+    """The base policy's fields: a preset or key=dtype pairs, a preset optionally followed by more
+    pairs that replace the preset's (``bf16,weights=int8``)."""
     text = text.strip()
-    if text.lower() == "auto":
-        return _parse_base(auto_policy()[0])
-    if text.lower() in _PRESETS:
-        return _parse_assignments(_PRESETS[text.lower()], where="preset")
-    if "=" not in text:
-        valid = ", ".join([*_PRESETS, "auto"])
-        raise ValueError(
-            f"unknown policy {text!r}; use a preset ({valid}) or key=dtype pairs such as "
-            "params=float32,compute=bfloat16"
-        )
+    head, _, extra = text.partition(",")
+    if "=" not in head:
+        preset = head.strip().lower()
+        if preset == "auto":
+            preset = auto_policy()[0]
+        if preset not in _PRESETS:
+            valid = ", ".join([*_PRESETS, "auto"])
+            raise ValueError(
+                f"unknown policy {head.strip()!r}; use a preset ({valid}) or key=dtype pairs such as "
+                "params=float32,compute=bfloat16"
+            )
+        fields = _parse_assignments(_PRESETS[preset], where="preset")
+        if extra.strip():
+            fields.update(_parse_assignments(extra, where=f"policy {text!r}"))
+        return fields
     fields = _parse_assignments(text, where="policy")
     fields.setdefault("param_dtype", np.dtype(np.float32))
     fields.setdefault("compute_dtype", fields["param_dtype"])

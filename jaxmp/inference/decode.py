@@ -3,8 +3,9 @@
 The prompt batch (left-padded to one length ``P``) is prefilled in one pass; then one token
 per step is sampled and fed back inside a single jit-compiled ``jax.lax.while_loop``, which
 stops when every row has produced ``eos_id`` or after ``max_new_tokens``. Keys and values are
-cached in each attention layer's compute dtype; logits are sampled in float32. Bad arguments raise
-``UsageError`` (a ``ValueError``) naming the argument in backticks.
+cached as the policy's ``kv`` key says (the attention layer's compute dtype by default); logits are
+sampled in float32. Bad arguments raise ``UsageError`` (a ``ValueError``) naming the argument in
+backticks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmp import quantize
 from jaxmp.data.tokenizer import Tokenizer
 from jaxmp.errors import UsageError
 from jaxmp.models import LlamaConfig
@@ -70,16 +72,19 @@ class Generation:
 def init_cache(model: Any, batch: int, length: int) -> KVCache:
     """An empty :class:`KVCache` of ``length`` slots for ``model`` (GPT-2 or Llama, unscanned).
 
-    Layer ``i``'s keys and values are ``[batch, length, G, K]`` zeros in the compute dtype of
-    ``blocks_{i}/attn``; ``mask`` is all False and every ``index`` 0.
+    Layer ``i``'s keys and values are ``[batch, length, G, K]`` zeros in the KV dtype of
+    ``blocks_{i}/attn`` (:meth:`jaxmp.Policy.kv_dtype`: its compute dtype unless ``kv=`` says
+    otherwise), with float32 ``[batch, length, G]`` scales when that is 8-bit; ``mask`` is all False
+    and every ``index`` 0.
     """
     config = model.config
     kv_heads = config.n_kv_heads if isinstance(config, LlamaConfig) else config.n_heads
     layers = []
     for layer in range(config.n_layers):
-        dtype = model.policy.for_module(f"blocks_{layer}/attn").compute_dtype
+        dtype = model.policy.kv_dtype(f"blocks_{layer}/attn")
         zeros = jnp.zeros((batch, length, kv_heads, config.head_dim), dtype)
-        layers.append(AttentionCache(key=zeros, value=zeros, index=jnp.zeros((), jnp.int32)))
+        scales = jnp.ones((batch, length, kv_heads), jnp.float32) if quantize.format_of(dtype) else None
+        layers.append(AttentionCache(zeros, zeros, jnp.zeros((), jnp.int32), scales, scales))
     return KVCache(layers=tuple(layers), mask=jnp.zeros((batch, length), bool))
 
 

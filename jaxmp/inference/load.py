@@ -2,7 +2,8 @@
 
 ``load_model(path, policy)`` reads the weights in float32, refuses a policy that would store or
 compute a weight in float16 beyond float16's range (it would become ``inf``), then casts the
-params once to each module's param dtype. Bad input raises :class:`jaxmp.errors.UsageError`
+params once to each module's param dtype, or quantises them to 8 bits where the policy's
+``weights`` key says so. Bad input raises :class:`jaxmp.errors.UsageError`
 with a one-line message.
 """
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxmp import hf, models
+from jaxmp import hf, models, quantize
 from jaxmp.checkpoint import Checkpointer
 from jaxmp.data.tokenizer import Tokenizer, load_tokenizer
 from jaxmp.errors import DataError, UsageError
@@ -159,11 +160,12 @@ def load_model(
 
 
 def with_policy(loaded: LoadedModel, policy: Policy) -> LoadedModel:
-    """``loaded`` under ``policy``: its params cast once (``loaded.params`` should be float32).
+    """``loaded`` under ``policy``: its params cast once, and quantised where ``weights=int8|fp8``
+    (:func:`jaxmp.quantize.quantize_params`; ``loaded.params`` should be float32).
 
     Raises:
       UsageError: a weight beyond float16's range where ``policy`` holds or computes it in float16.
     """
     check_float16_range(loaded.params, policy)
     model = models.create_model(loaded.model.config, policy)
-    return dataclasses.replace(loaded, model=model, params=hf.cast_params(loaded.params, policy))
+    return dataclasses.replace(loaded, model=model, params=quantize.quantize_params(loaded.params, policy))

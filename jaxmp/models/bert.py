@@ -27,6 +27,7 @@ from jaxmp.models.layers import (
     PolicyModule,
     apply_blocks,
     make_attention_mask,
+    tied_embedding,
 )
 from jaxmp.precision import Policy
 
@@ -167,8 +168,8 @@ class Bert(nn.Module):
             h_BxLxD = LayerNorm(self.policy, c.layer_norm_eps, name="mlm_norm")(
                 ACTIVATIONS[c.activation](h_BxLxD)
             )
-            table_VxD = token_embed.variables["params"]["embedding"]
-            logits = LogitsHead(self.policy, c.vocab_size, use_bias=True, name="lm_head")(h_BxLxD, table_VxD)
+            lm_head = LogitsHead(self.policy, c.vocab_size, use_bias=True, name="lm_head")
+            logits = lm_head(h_BxLxD, tied_embedding(token_embed))
             return ModelOutput(last_hidden_state=last_hidden_state, logits=logits)
         pooled_BxD = jnp.tanh(
             Dense(self.policy, c.d_model, init_std=c.initializer_range, name="pooler")(x_BxLxD[:, 0])

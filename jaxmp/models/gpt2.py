@@ -27,6 +27,7 @@ from jaxmp.models.layers import (
     PolicyModule,
     apply_decoder_blocks,
     causal_positions_and_mask,
+    tied_embedding,
 )
 from jaxmp.precision import Policy
 
@@ -166,8 +167,9 @@ class GPT2(nn.Module):
         h_BxLxD = LayerNorm(self.policy, c.layer_norm_eps, name="final_norm")(x_BxLxD)
         logits = None
         if c.task == "lm":
-            table_VxD = token_embed.variables["params"]["embedding"]
-            logits = LogitsHead(self.policy, c.vocab_size, name="lm_head")(h_BxLxD, table_VxD)
+            logits = LogitsHead(self.policy, c.vocab_size, name="lm_head")(
+                h_BxLxD, tied_embedding(token_embed)
+            )
         return ModelOutput(
             last_hidden_state=h_BxLxD.astype(self.policy.output_dtype), logits=logits, cache=cache
         )

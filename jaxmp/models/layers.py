@@ -12,6 +12,10 @@ So ``"bf16;.*attn.*:compute=float32"`` really runs every attention matmul in fp3
 The fp32 islands of :mod:`jaxmp.precision` appear here one line each: norm statistics
 (:class:`LayerNorm`, :class:`RMSNorm`), the attention softmax (``<attn>/softmax``)
 and the final logits (``<head>/logits``).
+
+A served model may hold 8-bit weights (the policy's ``weights=int8|fp8``, :mod:`jaxmp.quantize`):
+:class:`Dense`, :class:`Embed` and :class:`LogitsHead` then read an int8/E4M3 ``kernel`` or
+``embedding`` and its float32 ``<name>_scale`` and multiply by the scale after the matmul or lookup.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
-from jaxmp import fastdot, fp8
+from jaxmp import fastdot, fp8, quantize
 from jaxmp.module_policy import resolve_subpath
 from jaxmp.precision import Policy
 
@@ -52,6 +56,7 @@ __all__ = [
     "apply_blocks",
     "apply_decoder_blocks",
     "causal_positions_and_mask",
+    "tied_embedding",
 ]
 
 ACTIVATIONS = {
@@ -70,6 +75,40 @@ def _normal(std: float) -> nn.initializers.Initializer:
 def _last_axis(vector_D: jax.Array, ndim: int) -> jax.Array:
     """Reshapes a ``[D]`` vector to ``[1, ..., 1, D]`` (explicit rank, no implicit promotion)."""
     return vector_D.reshape((1,) * (ndim - 1) + vector_D.shape)
+
+
+def _stored_weight(
+    module: PolicyModule, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array | None]:
+    """``module``'s weight ``name`` and, when the policy stores it in 8 bits, its float32 scale.
+
+    ``weights=param``: the weight in the param dtype and None. ``weights=int8|fp8``: the 8-bit values
+    and the ``<name>_scale`` param (one scale per output channel, :func:`jaxmp.quantize.quantize`);
+    initialising under such a policy quantises the float initialiser's draw.
+    """
+    fmt = module.policy.weights_for(module.module_path)
+    if fmt == "param":
+        return module.param(name, init, shape, module.param_dtype), None
+    axis = 1 if name == "embedding" else 0
+    drawn: dict[str, jax.Array] = {}
+
+    def draw(rng: jax.Array) -> dict[str, jax.Array]:  # both params come from one float draw
+        if not drawn:
+            drawn["q"], drawn["scale"] = quantize.quantize(init(rng, shape, jnp.float32), fmt, axis)
+        return drawn
+
+    return module.param(name, lambda rng: draw(rng)["q"]), module.param(
+        f"{name}_scale", lambda rng: draw(rng)["scale"]
+    )
+
+
+def _scaled_matmul(
+    x: jax.Array, kernel: jax.Array, scale_F: jax.Array | None, dtype: Any, contract_axis: int = 0
+) -> jax.Array:
+    """float32 ``x @ kernel`` (``kernel`` contracted on ``contract_axis``) on ``dtype`` inputs; an 8-bit
+    ``kernel`` enters in ``dtype`` (exact) and the product is multiplied by its per-column ``scale_F``."""
+    y = fastdot.matmul(x.astype(dtype), kernel.astype(dtype), contract_axis)
+    return y if scale_F is None else y * _last_axis(scale_F, y.ndim)
 
 
 class PolicyModule(nn.Module):
@@ -117,14 +156,16 @@ class Dense(PolicyModule):
     @nn.compact
     def __call__(self, x_BxLxK: jax.Array) -> jax.Array:
         """Maps ``[..., K]`` (any float dtype) to ``[..., F]`` in the compute dtype."""
-        kernel_KxF = self.param(
-            "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features), self.param_dtype
+        kernel_KxF, scale_F = _stored_weight(
+            self, "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features)
         )
         recipe = self.policy.fp8_recipe(self.module_path)
         if recipe is not None:  # E4M3 operands, fp32 accumulation
+            if scale_F is not None:
+                kernel_KxF = quantize.dequantize(kernel_KxF, scale_F, axis=0)
             y = self._fp8_matmul(x_BxLxK.astype(self.dtype), kernel_KxF, recipe)
         else:
-            y = fastdot.matmul(x_BxLxK.astype(self.dtype), kernel_KxF)  # fp32 accumulation
+            y = _scaled_matmul(x_BxLxK, kernel_KxF, scale_F, self.dtype)  # fp32 accumulation
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + _last_axis(bias_F.astype(self.dtype), y.ndim)
@@ -164,10 +205,13 @@ class Embed(PolicyModule):
     @nn.compact
     def __call__(self, ids_BxL: jax.Array) -> jax.Array:
         """Integer ``[B, L]`` ids to ``[B, L, D]`` rows in the compute dtype (gather, then cast)."""
-        table_VxD = self.param(
-            "embedding", _normal(self.init_std), (self.num_embeddings, self.features), self.param_dtype
+        table_VxD, scale_V = _stored_weight(
+            self, "embedding", _normal(self.init_std), (self.num_embeddings, self.features)
         )
-        return jnp.take(table_VxD, ids_BxL, axis=0).astype(self.dtype)
+        rows_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
+        if scale_V is not None:
+            rows_BxLxD = rows_BxLxD.astype(jnp.float32) * jnp.take(scale_V, ids_BxL, axis=0)[..., None]
+        return rows_BxLxD.astype(self.dtype)
 
 
 class LayerNorm(PolicyModule):
@@ -275,17 +319,52 @@ def make_attention_mask(
 
 @flax.struct.dataclass
 class AttentionCache:
-    """One attention layer's preallocated keys and values, in the layer's compute dtype.
+    """One attention layer's preallocated keys and values, stored as the policy's ``kv`` key says.
 
     Attributes:
-      key: ``[B, S, G, K]`` keys of slots ``0 .. index-1`` (later slots are not yet written).
-      value: ``[B, S, G, K]`` values.
+      key: ``[B, S, G, K]`` keys of slots ``0 .. index-1`` (later slots are not yet written), in the
+        layer's compute dtype, another float dtype, or int8/E4M3 (``kv=int8|fp8``).
+      value: ``[B, S, G, K]`` values, as ``key``.
       index: int32 ``[]``, the number of slots written; the next ``L`` tokens go to ``index .. index+L-1``.
+      key_scale: float32 ``[B, S, G]``, one scale per token and head of an 8-bit ``key``; None otherwise.
+      value_scale: float32 ``[B, S, G]``, as ``key_scale`` for ``value``.
     """
 
     key: jax.Array
     value: jax.Array
     index: jax.Array
+    key_scale: jax.Array | None = None
+    value_scale: jax.Array | None = None
+
+    def write(self, key_BxLxGxK: jax.Array, value_BxLxGxK: jax.Array) -> AttentionCache:
+        """This cache with ``L`` new tokens' keys and values stored at ``index`` (quantised per token and
+        head when the cache is 8-bit) and ``index`` advanced by ``L``."""
+        start = (0, self.index, 0, 0)
+        fmt = quantize.format_of(self.key.dtype)
+
+        def store(cache_BxSxGxK, scale_BxSxG, new_BxLxGxK):
+            if fmt is None:
+                return jax.lax.dynamic_update_slice(
+                    cache_BxSxGxK, new_BxLxGxK.astype(cache_BxSxGxK.dtype), start
+                ), None
+            q_BxLxGxK, new_scale_BxLxG = quantize.quantize(new_BxLxGxK, fmt, axis=-1)
+            return (
+                jax.lax.dynamic_update_slice(cache_BxSxGxK, q_BxLxGxK, start),
+                jax.lax.dynamic_update_slice(scale_BxSxG, new_scale_BxLxG, start[:3]),
+            )
+
+        key, key_scale = store(self.key, self.key_scale, key_BxLxGxK)
+        value, value_scale = store(self.value, self.value_scale, value_BxLxGxK)
+        return AttentionCache(key, value, self.index + key_BxLxGxK.shape[1], key_scale, value_scale)
+
+    def read(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """Every slot's keys and values ``[B, S, G, K]`` in ``dtype`` (dequantised when 8-bit)."""
+        if self.key_scale is None:
+            return self.key.astype(dtype), self.value.astype(dtype)
+        return (
+            quantize.dequantize(self.key, self.key_scale, axis=-1, dtype=dtype),
+            quantize.dequantize(self.value, self.value_scale, axis=-1, dtype=dtype),
+        )
 
 
 @flax.struct.dataclass
@@ -433,13 +512,8 @@ class Attention(PolicyModule):
             q_BxLxHxK = apply_rotary(q_BxLxHxK, inv_freq, positions_BxL)
             k_BxLxGxK = apply_rotary(k_BxLxGxK, inv_freq, positions_BxL)
         if cache is not None:
-            start = (0, cache.index, 0, 0)
-            cache = AttentionCache(
-                key=jax.lax.dynamic_update_slice(cache.key, k_BxLxGxK.astype(cache.key.dtype), start),
-                value=jax.lax.dynamic_update_slice(cache.value, v_BxLxGxK.astype(cache.value.dtype), start),
-                index=cache.index + length,
-            )
-            k_BxLxGxK, v_BxLxGxK = cache.key, cache.value
+            cache = cache.write(k_BxLxGxK, v_BxLxGxK)
+            k_BxLxGxK, v_BxLxGxK = cache.read(self.dtype)
 
         softmax_dtype = resolve_subpath(self.policy, f"{self.module_path}/softmax", "softmax").compute_dtype
         dropout_active = self.dropout_rate > 0.0 and not deterministic
@@ -525,22 +599,38 @@ class LogitsHead(PolicyModule):
     init_std: float = 0.02
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, tied_embedding_FxD: jax.Array | None = None) -> jax.Array:
-        """``[..., D]`` to ``[..., F]`` logits in the output dtype; ``tied_embedding`` replaces the kernel."""
-        if tied_embedding_FxD is None:
-            kernel = self.param(
-                "kernel", _normal(self.init_std), (x_BxLxD.shape[-1], self.features), self.param_dtype
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        tied: tuple[jax.Array, jax.Array | None] | None = None,
+    ) -> jax.Array:
+        """``[..., D]`` to ``[..., F]`` logits in the output dtype.
+
+        Args:
+          x_BxLxD: hidden states.
+          tied: ``(table_FxD, scale_F or None)`` of a tied embedding (:func:`tied_embedding`), used in
+            place of a kernel of this head's own.
+        """
+        if tied is None:
+            kernel, scale_F = _stored_weight(
+                self, "kernel", _normal(self.init_std), (x_BxLxD.shape[-1], self.features)
             )
             contract_axis = 0
         else:
-            kernel, contract_axis = tied_embedding_FxD, 1
+            (kernel, scale_F), contract_axis = tied, 1
         logits_dtype = resolve_subpath(self.policy, f"{self.module_path}/logits", "logits").compute_dtype
-        accumulator = fastdot.matmul(x_BxLxD.astype(self.dtype), kernel, contract_axis)
+        accumulator = _scaled_matmul(x_BxLxD, kernel, scale_F, self.dtype, contract_axis)
         logits = accumulator.astype(logits_dtype)  # fp32 island: final logits
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             logits = logits + _last_axis(bias_F.astype(logits_dtype), logits.ndim)
         return logits.astype(self.module_policy.output_dtype)
+
+
+def tied_embedding(embed: Embed) -> tuple[jax.Array, jax.Array | None]:
+    """``(table_VxD, scale_V or None)`` of an :class:`Embed` already called, for a tied :class:`LogitsHead`."""
+    params = embed.variables["params"]
+    return params["embedding"], params.get("embedding_scale")
 
 
 @flax.struct.dataclass

@@ -25,6 +25,7 @@ from jaxmp.models.layers import (
     SwiGLU,
     apply_decoder_blocks,
     causal_positions_and_mask,
+    tied_embedding,
 )
 from jaxmp.precision import Policy
 
@@ -154,9 +155,9 @@ class Llama(nn.Module):
         h_BxLxD = RMSNorm(self.policy, c.rms_norm_eps, name="final_norm")(x_BxLxD)
         logits = None
         if c.task == "lm":
-            table_VxD = token_embed.variables["params"]["embedding"] if c.tie_embeddings else None
+            tied = tied_embedding(token_embed) if c.tie_embeddings else None
             lm_head = LogitsHead(self.policy, c.vocab_size, init_std=c.initializer_range, name="lm_head")
-            logits = lm_head(h_BxLxD, table_VxD)
+            logits = lm_head(h_BxLxD, tied)
         return ModelOutput(
             last_hidden_state=h_BxLxD.astype(self.policy.output_dtype), logits=logits, cache=cache
         )
