@@ -67,12 +67,14 @@ def test_cli_writes_table_and_json(hf_dir, tmp_path, capsys):
     data, out = tmp_path / "text.txt", tmp_path / "ppl.json"
     data.write_text(TEXT)
     argv = ["--model", str(hf_dir), "--tokenizer", "byte", "--data", str(data), "--seq-len", "32"]
-    assert main([*argv, "--policies", "fp32,bf16", "--json", str(out)]) == 0
-    assert capsys.readouterr().out.startswith("| policy | params MiB | tokens | NLL | perplexity | vs fp32 |")
+    assert main([*argv, "--policies", "fp32,bf16", "--json", str(out), "--prompts", "2"]) == 0
+    header = "| policy | params MiB | tokens | NLL | perplexity | vs fp32 | seconds | greedy = fp32 | decode tok/s |"
+    assert capsys.readouterr().out.startswith(header)
     record = json.loads(out.read_text())
     assert record["seq_len"] == 32 and [r["ratio"] for r in record["results"]][0] == 1.0
+    assert record["results"][0]["greedy_agreement"] == 1.0
     assert (
-        main([*argv, "--policies", "params=bfloat16,compute=bfloat16", "fp32"]) == 0
+        main([*argv, "--policies", "params=bfloat16,compute=bfloat16", "fp32", "--prompts", "0"]) == 0
     )  # one grammar: compare's
     assert capsys.readouterr().out.count("\n") == 4
 
@@ -91,7 +93,7 @@ def test_cli_evaluates_a_run_on_its_validation_split(tmp_path, capsys):
         rng=jax.random.key(0),
     )
     Checkpointer(tmp_path / "run" / "checkpoints").save(1, state, {})
-    assert main(["--model", config.out, "--policies", "fp32", "--max-tokens", "1000"]) == 0
+    assert main(["--model", config.out, "--policies", "fp32", "--max-tokens", "1000", "--prompts", "0"]) == 0
     row = capsys.readouterr().out.splitlines()[2]
     assert "| 999 |" in row and "| 1.00000 |" in row  # seq_len 32 from the run's config
 

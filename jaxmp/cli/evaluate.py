@@ -1,13 +1,17 @@
 """``python -m jaxmp.evaluate``: perplexity of a text under several precision policies, compared with float32.
 
     python -m jaxmp.evaluate --model RUN_DIR|HF_DIR --data FILE --policies fp32 bf16 fp16 [--json OUT]
+    python -m jaxmp.evaluate --model RUN_DIR --policies fp32 "bf16,weights=int8" "bf16,kv=int8"
 
 The text is cut into non-overlapping windows of ``--seq-len`` tokens (each token predicted from
 the ones before it in its window, as a run's validation loss is); the mean negative
 log-likelihood is computed in float32 from the model's float32 logits
 (:mod:`jaxmp.inference.perplexity`). Without ``--data`` a run directory is evaluated on its own
 validation split. ``--policies`` takes the policy list of every command (:mod:`jaxmp.cli.policy_list`),
-without loss scales: evaluation runs no backward pass.
+without loss scales: evaluation runs no backward pass; serving keys (``weights=int8``, ``kv=fp8``) are
+welcome. Each policy also continues ``--prompts`` prompts greedily (the first half of a window each,
+continued to its end): the table shows the share of tokens equal to float32's and the decoding
+speed, and "params MiB" the bytes of the weights as stored (8-bit weights with their scales).
 """
 
 from __future__ import annotations
@@ -88,12 +92,17 @@ def _build_parser() -> UsageParser:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="prompts continued greedily per policy (0: perplexity only)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     return parser
 
 
-def _check_sizes(seq_len: int | None, batch_size: int, max_tokens: int | None) -> None:
+def _check_sizes(seq_len: int | None, batch_size: int, max_tokens: int | None, prompts: int) -> None:
     """Raises ``UsageError`` for sizes no model could take (the context is checked once it is loaded)."""
+    if prompts < 0:
+        raise UsageError(f"--prompts must be >= 0, got {prompts}")
     if seq_len is not None and seq_len < 1:
         raise UsageError(f"--seq-len must be >= 1, got {seq_len}")
     if batch_size < 1:
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate_cli(argv: Sequence[str] | None) -> int:
     args = _build_parser().parse_args(argv)
     policies = _policies(args.policies)
-    _check_sizes(args.seq_len, args.batch_size, args.max_tokens)
+    _check_sizes(args.seq_len, args.batch_size, args.max_tokens, args.prompts)
     if args.json:
         check_output_file(args.json, "--json")
     text = _read_text(args.data)
@@ -120,7 +129,7 @@ def _evaluate_cli(argv: Sequence[str] | None) -> int:
     if seq_len > context:
         raise UsageError(f"--seq-len must be in 1..{context} (the model's context), got {seq_len}")
     tokens_N = _tokens(loaded, args.model, text, args.max_tokens)
-    results = evaluate_policies(loaded, policies, tokens_N, seq_len, args.batch_size)
+    results = evaluate_policies(loaded, policies, tokens_N, seq_len, args.batch_size, args.prompts)
     print(markdown_table(results))
     if args.json:
         record = {

@@ -143,7 +143,14 @@ class TrainConfig:
             parse_loss_scale(self.loss_scale)
         except ValueError as error:
             raise UsageError(f"`loss_scale`: {error}") from None
-        self.precision_policy  # noqa: B018 -- raises UsageError for a policy that does not parse
+        serving_keys = (
+            self.precision_policy.serving_only
+        )  # raises UsageError for a policy that does not parse
+        if serving_keys:
+            raise UsageError(
+                f"`policy` {self.policy!r} sets {' and '.join(serving_keys)}, which say how a trained model is "
+                "served (jaxmp.generate, jaxmp.evaluate, jaxmp.predict); train with float weights and KV cache"
+            )
 
     def _check_task_fields(self) -> None:
         """Refuses a field, set away from its default, that ``task`` does not read."""
