@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmp import hf, models
+from jaxmp import hf, models, train
 from jaxmp.data.classify import iter_rows, load_classification_data
 from jaxmp.inference.classify import load_classifier, predict_rows
 from jaxmp.predict import main
@@ -33,10 +33,12 @@ def workspace(tmp_path_factory):
     unlabelled TSVs whose rows range from 1 to 30 words (some truncated to SEQ_LEN), a tiny LM."""
     root = tmp_path_factory.mktemp("predict")
     model = models.get_model("bert-tiny", task="classify", num_labels=3, **TINY_BERT)
-    hf.save_pretrained(model, models.init_params(model, jax.random.key(1), 8), root / "bert")
+    rng = np.random.default_rng(0)
+    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 8))
+    params = jax.tree.map(lambda leaf: rng.normal(0, 0.1, leaf.shape).astype(leaf.dtype), abstract)
+    hf.save_pretrained(model, params, root / "bert")  # random params without compiling an initialiser
     for name in TOKENIZER_FILES:
         shutil.copy(minilm_dir() / name, root / "bert" / name)
-    rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, rng.integers(1, 31))) for _ in range(ROWS)]
     labels = rng.integers(0, 3, ROWS)
     (root / "dev.tsv").write_text(
@@ -45,7 +47,10 @@ def workspace(tmp_path_factory):
     (root / "texts.tsv").write_text("sentence\n" + "".join(f"{t}\n" for t in texts))
     (root / "no_text.tsv").write_text("label\treview\n1\tgood\n")
     gpt2 = models.get_model("gpt2-tiny", vocab_size=256, n_layers=1, d_model=32, n_heads=2, d_ff=64)
-    hf.save_pretrained(gpt2, models.init_params(gpt2, jax.random.key(0), 8), root / "lm")
+    abstract = jax.eval_shape(lambda: models.init_params(gpt2, jax.random.key(0), 8))
+    hf.save_pretrained(
+        gpt2, jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract), root / "lm"
+    )
     return root
 
 
@@ -54,12 +59,8 @@ def reference(workspace):
     """float32 probabilities [N, 3] and labels [N] of one forward pass over every row padded to SEQ_LEN."""
     model, params = hf.from_pretrained(workspace / "bert", "fp32")
     rows = load_classification_data(workspace / "dev.tsv", workspace / "bert", max_length=SEQ_LEN)
-    logits_NxC = model.apply(
-        {"params": params},
-        rows.input_ids,
-        attention_mask=rows.attention_mask,
-        token_type_ids=rows.token_type_ids,
-    ).logits
+    forward = jax.jit(lambda ids, mask, types: model.apply({"params": params}, ids, mask, types).logits)
+    logits_NxC = forward(rows.input_ids, rows.attention_mask, rows.token_type_ids)
     return np.asarray(jax.nn.softmax(logits_NxC, axis=-1)), rows.labels
 
 
@@ -154,3 +155,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(workspace, capsys):
         assert status == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
         assert problem in err, (problem, err)
     assert {path: path.read_bytes() for path in workspace.rglob("*") if path.is_file()} == before
+
+
+def test_a_runs_accuracy_is_the_accuracy_it_reported(workspace, capsys, tmp_path):
+    """A ``jaxmp.train --task classify`` run, predicted with its own seq_len, pad_multiple, batch size and
+    policy: the accuracy is its summary's final_val_accuracy, to the last digit. (``--pad-multiple 0``:
+    one batch shape, so one compilation each for training, evaluation and prediction.)"""
+    run = tmp_path / "run"
+    argv = ["--task", "classify", "--init", str(workspace / "bert"), "--data", str(workspace / "dev.tsv"),
+            "--eval-data", str(workspace / "dev.tsv"), "--steps", "1", "--batch-size", str(BATCH), "--seq-len",
+            str(SEQ_LEN), "--pad-multiple", "0", "--policy", "bf16", "--lr", "1e-2", "--out", str(run)]  # fmt: skip
+    assert train.main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    reported = json.loads((run / "summary.json").read_text())["final_val_accuracy"]
+    assert (
+        main(["--model", str(run), "--data", str(workspace / "dev.tsv"), "--policy", "bf16", "--no-progress"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"accuracy {reported:.6f} ({round(reported * ROWS)}/{ROWS} rows)" in out, (reported, out)
