@@ -40,9 +40,7 @@ __all__ = ["Classifier", "Prediction", "CompileTimes", "load_classifier", "servi
 
 HF_SEQ_LEN = 128  # a Hugging Face directory's default max length (``load_classification_data``'s)
 HF_PAD_MULTIPLE = 16  # a Hugging Face directory's default bucket (``jaxmp.train``'s ``pad_multiple``)
-_VALID_MODEL = (
-    "give a `jaxmp.train` classify run directory or a Hugging Face BertForSequenceClassification directory"
-)
+_VALID_MODEL = "give the run directory of a classify training run or a Hugging Face BertForSequenceClassification directory"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
