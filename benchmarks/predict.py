@@ -38,9 +38,8 @@ def predict_pass(
 ) -> tuple[int, int]:
     """Predicts every row of ``data``; returns (rows, rows predicted right)."""
     rows = iter_rows(data, num_labels=classifier.num_labels)
-    batch_size = classifier.run_config.batch_size
     rows_seen = correct = 0
-    for prediction in predict_rows(classifier, rows, batch_size, compile_times=compile_times):
+    for prediction in predict_rows(classifier, rows, compile_times=compile_times):
         rows_seen += 1
         correct += prediction.label == prediction.true_label
     return rows_seen, correct

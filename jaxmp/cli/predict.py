@@ -33,7 +33,6 @@ __all__ = ["main"]
 
 _PROG = "python -m jaxmp.predict"
 _OUT_SUFFIXES = (".tsv", ".jsonl")
-_DEFAULT_BATCH_SIZE = 32  # a Hugging Face directory's (a run's default is its own --batch-size)
 _CHUNK_BATCHES = 128  # batches read and tokenized at once (--chunk-rows default: this many batches)
 _PROGRESS_EVERY = 10_000  # rows between progress lines when stderr is not a terminal
 
@@ -52,7 +51,7 @@ def _build_parser() -> UsageParser:
     parser.add_argument(
         "--batch-size",
         type=int,
-        help=f"rows per forward pass (default: the run's, else {_DEFAULT_BATCH_SIZE})",
+        help="rows per forward pass (default: the run's, else 32)",
     )
     parser.add_argument(
         "--seq-len", type=int, help="max tokens after truncation (default: the run's, else 128)"
@@ -155,10 +154,7 @@ def _predict_cli(argv: Sequence[str] | None) -> int:
     _check_out(args.out, args.overwrite)
     next(iter_rows(args.data, require_labels=False))  # no text column, no rows: refused before loading
     classifier = load_classifier(args.model, args.policy)
-    run = classifier.run_config
-    batch_size = (
-        args.batch_size if args.batch_size is not None else (run.batch_size if run else _DEFAULT_BATCH_SIZE)
-    )
+    batch_size = classifier.batch_size if args.batch_size is None else args.batch_size
     compile_times = CompileTimes()
     predictions = predict_rows(
         classifier,

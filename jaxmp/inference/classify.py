@@ -40,6 +40,7 @@ __all__ = ["Classifier", "Prediction", "CompileTimes", "load_classifier", "servi
 
 HF_SEQ_LEN = 128  # a Hugging Face directory's default max length (``load_classification_data``'s)
 HF_PAD_MULTIPLE = 16  # a Hugging Face directory's default bucket (``jaxmp.train``'s ``pad_multiple``)
+HF_BATCH_SIZE = 32  # a Hugging Face directory's default rows per forward pass (``jaxmp.train``'s)
 _VALID_MODEL = "give the run directory of a classify training run or a Hugging Face BertForSequenceClassification directory"
 
 
@@ -53,6 +54,7 @@ class Classifier:
       tokenizer: the ``transformers`` tokenizer the model was fine-tuned with.
       seq_len: the run's max length (a Hugging Face directory: :data:`HF_SEQ_LEN`).
       pad_multiple: the run's bucket size (a Hugging Face directory: :data:`HF_PAD_MULTIPLE`).
+      batch_size: the run's batch size (a Hugging Face directory: :data:`HF_BATCH_SIZE`).
       run_config: a run directory's settings (None for a Hugging Face directory).
       compiled: the forward pass compiled per batch shape ``(B, T)``, filled by :func:`predict_rows`.
     """
@@ -62,6 +64,7 @@ class Classifier:
     tokenizer: Any
     seq_len: int
     pad_multiple: int
+    batch_size: int
     run_config: TrainConfig | None = None
     compiled: dict[tuple[int, int], Any] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -170,17 +173,18 @@ def load_classifier(path: str | os.PathLike, policy: Policy | str = "fp32") -> C
         raise UsageError(f"`model` {path} is not a directory; {_VALID_MODEL}")
     if (directory / "config.json").is_file() and (directory / "checkpoints").is_dir():
         model, params, run_config = _load_run(directory)
-        tokenizer_dir, seq_len, pad_multiple = run_config.init, run_config.seq_len, run_config.pad_multiple
+        tokenizer_dir = run_config.init
+        sizes = (run_config.seq_len, run_config.pad_multiple, run_config.batch_size)
     elif (directory / "config.json").is_file():
         model, params = _load_hf(directory)
         run_config, tokenizer_dir = None, directory
-        seq_len, pad_multiple = min(HF_SEQ_LEN, model.config.max_positions), HF_PAD_MULTIPLE
+        sizes = (min(HF_SEQ_LEN, model.config.max_positions), HF_PAD_MULTIPLE, HF_BATCH_SIZE)
     else:
         raise UsageError(f"`model` {path} has no config.json; {_VALID_MODEL}")
     _require_classifier(model.config, directory)
     model, params = serving_params(model.config, params, policy)
     tokenizer = load_hf_tokenizer(tokenizer_dir)
-    return Classifier(model, params, tokenizer, seq_len, pad_multiple, run_config)
+    return Classifier(model, params, tokenizer, *sizes, run_config)
 
 
 def _probabilities_and_labels(model: Any, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
@@ -210,7 +214,7 @@ def _batches(
 def predict_rows(
     classifier: Classifier,
     rows: Iterable[tuple[str, int | None]],
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seq_len: int | None = None,
     pad_multiple: int | None = None,
     chunk_rows: int = 4096,
@@ -221,7 +225,7 @@ def predict_rows(
     Args:
       classifier: from :func:`load_classifier`.
       rows: ``(text, label or None)`` pairs, e.g. :func:`jaxmp.data.classify.iter_rows`.
-      batch_size: rows per forward pass.
+      batch_size: rows per forward pass (None: the classifier's).
       seq_len: max length after truncation (None: the classifier's).
       pad_multiple: bucket size of a batch's length (None: the classifier's; 0: every batch ``seq_len``).
       chunk_rows: rows read and tokenized at once, a multiple of ``batch_size`` (so the batches do not
@@ -232,6 +236,7 @@ def predict_rows(
     Raises:
       UsageError: a size out of range (raised here, before any row is read).
     """
+    batch_size = classifier.batch_size if batch_size is None else batch_size
     seq_len = classifier.seq_len if seq_len is None else seq_len
     pad_multiple = classifier.pad_multiple if pad_multiple is None else pad_multiple
     _check_sizes(classifier, batch_size, seq_len, pad_multiple, chunk_rows)
