@@ -2,6 +2,7 @@
 pass over the rows tokenized as training tokenizes them, whatever the chunking and batching; bad input is
 one line, exit status 2, nothing written."""
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -127,6 +128,9 @@ def test_chunks_and_batch_sizes_do_not_change_predictions(workspace, reference, 
     assert chunked[1] == one_chunk[1]
     if policy == "fp32":
         np.testing.assert_allclose(one_chunk[0], reference[0], rtol=1e-5, atol=1e-6)
+        endless = itertools.repeat(("a good film", None))  # streaming: rows are read a chunk at a time
+        first = itertools.islice(predict_rows(classifier, endless, BATCH, SEQ_LEN, PAD_MULTIPLE, BATCH), 6)
+        assert [p.row for p in first] == list(range(6))
     else:
         assert classifier.params["classifier"]["kernel"].dtype == np.dtype("bfloat16")
         np.testing.assert_allclose(one_chunk[0], reference[0], atol=5e-2)
