@@ -7,8 +7,8 @@ the model ``chunk_rows`` at a time (never all of them): each chunk is tokenized 
 rows (:func:`jaxmp.data.classify.encode_texts`), cut into batches of ``batch_size`` rows, each batch cut to
 its longest row rounded up to ``pad_multiple`` tokens (as training's ``pad_multiple``: a few shapes, so a
 few compilations), the last one filled up with copies of its first row whose outputs are dropped. With a
-run's ``seq_len``, ``pad_multiple`` and ``batch_size`` the batches are those of the run's evaluation, so
-the accuracy is the run's ``val_accuracy``.
+run's ``seq_len``, ``pad_multiple`` and ``batch_size`` (the defaults) the batches are those of the run's
+evaluation, so under the run's policy the accuracy is the run's ``val_accuracy``.
 """
 
 from __future__ import annotations
