@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
 
 from jaxmp.errors import UsageError, first_line
 from jaxmp.scaling import all_finite
@@ -244,6 +246,17 @@ class Checkpointer:
         _verify(table, dict(restored["metadata"]).get("checksums"), "params/", self.describe(step))
         self._check_finite(finite, step)
         return jax.tree.map(lambda x, target: x.astype(target.dtype), params, target_params)
+
+    def param_shapes(self, step: int | None = None) -> dict[str, tuple[int, ...]]:
+        """The shape of each param saved in checkpoint ``step`` (default: newest), by ``/``-joined path
+        (``classifier/bias``), read from orbax's metadata without reading any array."""
+        step = self._step_to_restore(step)
+        try:
+            tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.step_dir(step) / "state")).tree
+        except (ValueError, OSError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{self.describe(step)} cannot be read ({first_line(error)})") from None
+        flat = traverse_util.flatten_dict(tree["params"], sep="/")
+        return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
     def read_metadata(self, step: int | None = None) -> dict[str, Any]:
         """The metadata saved with checkpoint ``step`` (default: newest), its ``checksums`` included:

@@ -17,6 +17,7 @@ ENTRY_POINTS = {
     "jaxmp.evaluate",
     "jaxmp.generate",
     "jaxmp.policy",
+    "jaxmp.predict",
     "jaxmp.tune",
 }
 # What each layer may not import (by module-name prefix); the numerics and models are the rest.

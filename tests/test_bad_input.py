@@ -22,7 +22,7 @@ import jax
 import pytest
 import torch
 
-from jaxmp import compare, diagnose, evaluate, generate, hf, models, train
+from jaxmp import compare, diagnose, evaluate, generate, hf, models, predict, train
 from jaxmp.cli import run_cli
 
 
@@ -246,12 +246,27 @@ COMPARE_CASES = [
     case("policy_not_offered", "unrecognized arguments: --policy bf16", *_COMPARE, "--policy", "bf16"),
 ]  # fmt: skip
 
+_PREDICT = ("--model", "{good}", "--data", "{labels.tsv}")
+PREDICT_CASES = [
+    case("model_missing", "is not a directory", *_PREDICT, "--model", "{out}"),
+    case("model_is_an_lm", "causal language model without a classification head", *_PREDICT),
+    case("model_truncated", "damaged or not a safetensors file", *_PREDICT, "--model", "{truncated}"),
+    case("model_bin_pickle", "never unpickles", *_PREDICT, "--model", "{bin_pickle}"),
+    case("unknown_policy", "unknown policy 'fp64'", *_PREDICT, "--policy", "fp64"),
+    case("data_not_rows", "unsupported type '.txt'", *_PREDICT, "--data", "{text.txt}"),
+    case("csv_open_quote", "quoted fields are closed", *_PREDICT, "--data", "{open_quote.csv}"),
+    case("label_beyond_int32", "label 99999999999 is outside", *_PREDICT, "--data", "{label_beyond_int32.tsv}"),
+    case("out_exists", "--overwrite", *_PREDICT, "--out", "{labels.tsv}"),
+    case("out_suffix", "give a .tsv or .jsonl file name", *_PREDICT, "--out", "{a_file}"),
+]  # fmt: skip
+
 VERBS = {
     "train": (train.main, TRAIN_CASES),
     "generate": (generate.main, GENERATE_CASES),
     "evaluate": (evaluate.main, EVALUATE_CASES),
     "diagnose": (diagnose.main, DIAGNOSE_CASES),
     "compare": (compare.main, COMPARE_CASES),
+    "predict": (predict.main, PREDICT_CASES),
 }
 
 

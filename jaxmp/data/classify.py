@@ -6,13 +6,15 @@ or ``sentence`` column and an integer ``label`` column. Training batches are a p
 Evaluation batches go in file order; the last one is padded with weight-0 rows so that a weighted mean
 counts every row exactly once. With ``pad_multiple`` a batch is cut to its longest row rounded up to a
 multiple of it (short sentences padded to 64 tokens waste most of a step; a handful of lengths keeps
-recompilation bounded).
+recompilation bounded). :func:`iter_rows` reads a file one row at a time, labels optional (prediction
+streams files larger than memory); :func:`encode_texts` tokenizes rows as training does.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -117,12 +119,7 @@ class ClassificationData:
         return np.random.Generator(np.random.Philox(key)).permutation(len(self))
 
     def _length(self, mask_BxL: np.ndarray) -> int:
-        """The columns a batch keeps: its longest row rounded up to ``pad_multiple`` (0: all of L)."""
-        length = mask_BxL.shape[1]
-        if self.pad_multiple:
-            longest = int(np.flatnonzero(mask_BxL.any(axis=0)).max(initial=0)) + 1
-            length = min(length, -(-longest // self.pad_multiple) * self.pad_multiple)
-        return length
+        return padded_length(mask_BxL, self.pad_multiple)
 
     def _rows(
         self, rows_B: np.ndarray, weight_B: np.ndarray, length: int | None = None
@@ -157,7 +154,21 @@ def load_classification_data(
       pad_multiple: see :class:`ClassificationData` (0: every batch has length ``max_length``).
     """
     texts, labels_N = read_labelled_rows(path, limit, num_labels)
-    tokenizer = load_hf_tokenizer(tokenizer_dir)
+    encoded = encode_texts(load_hf_tokenizer(tokenizer_dir), texts, max_length)
+    return ClassificationData(**encoded, labels=labels_N, pad_multiple=pad_multiple)
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    """Tokenizes N texts as training does: special tokens added, truncated and padded to ``max_length``.
+
+    Args:
+      tokenizer: a ``transformers`` tokenizer (:func:`load_hf_tokenizer`).
+      texts: the N texts.
+      max_length: L, special tokens included.
+
+    Returns:
+      ``input_ids``, ``attention_mask`` (1 on real tokens) and ``token_type_ids``, each int32[N, L].
+    """
     encoded = tokenizer(
         texts,
         max_length=max_length,
@@ -167,47 +178,77 @@ def load_classification_data(
         return_token_type_ids=True,
         return_attention_mask=True,
     )
-    return ClassificationData(
-        input_ids=encoded["input_ids"].astype(np.int32),
-        attention_mask=encoded["attention_mask"].astype(np.int32),
-        token_type_ids=encoded["token_type_ids"].astype(np.int32),
-        labels=labels_N,
-        pad_multiple=pad_multiple,
-    )
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    return {name: encoded[name].astype(np.int32) for name in names}
+
+
+def padded_length(mask_BxL: np.ndarray, pad_multiple: int) -> int:
+    """The columns a batch keeps: its longest row rounded up to ``pad_multiple``, at most L (0: all of L).
+
+    Args:
+      mask_BxL: int32[B, L] attention mask, 1 on real tokens.
+      pad_multiple: the bucket size (0: no cut).
+    """
+    length = mask_BxL.shape[1]
+    if pad_multiple:
+        longest = int(np.flatnonzero(mask_BxL.any(axis=0)).max(initial=0)) + 1
+        length = min(length, -(-longest // pad_multiple) * pad_multiple)
+    return length
 
 
 def read_labelled_rows(
     path: str | Path, limit: int | None = None, num_labels: int | None = None
 ) -> tuple[list[str], np.ndarray]:
     """Returns the texts (list of N str) and labels (int32[N]) of a .tsv, .csv or .jsonl file."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of rows, got {limit}")
+    texts, labels = [], []
+    for text, label in itertools.islice(iter_rows(path, num_labels), limit):
+        texts.append(text)
+        labels.append(label)
+    return texts, np.array(labels, np.int32)
+
+
+def iter_rows(
+    path: str | Path, num_labels: int | None = None, require_labels: bool = True
+) -> Iterator[tuple[str, int | None]]:
+    """Yields ``(text, label)`` for each row of a .tsv, .csv or .jsonl file, reading one row at a time.
+
+    The text column is the first of :data:`TEXT_COLUMNS` the header (JSONL: the first object) has. With
+    ``require_labels=False`` a file without a ``label`` column is read too, every label None.
+
+    Raises:
+      DataError: an unsupported or missing file, no text (or label) column, a bad row or label, no rows;
+        raised when the row is reached (the file's kind and columns are checked at the first row).
+    """
     path = Path(path).expanduser()
-    valid = f"expected a {_SUFFIXES} file with a text (or sentence) column and a label column"
+    label = "a label column" if require_labels else "optionally a label column"
+    valid = f"expected a {_SUFFIXES} file with a text (or sentence) column and {label}"
     readers = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}
     if path.suffix.lower() not in readers:
         raise DataError(f"classification file {path} has unsupported type {path.suffix!r}; {valid}")
     if not path.is_file():
         raise DataError(f"classification file {path} does not exist; {valid}")
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of rows, got {limit}")
-    texts, labels = [], []
-    text_column = None
+    columns = None
     for line, row in readers[path.suffix.lower()](path):
-        if limit is not None and len(labels) >= limit:
-            break
-        if text_column is None:
-            text_column = _text_column(path, list(row), valid)
-        texts.append(_field(path, line, row, text_column, str))
-        labels.append(_label(path, line, _field(path, line, row, LABEL_COLUMN, (str, int)), num_labels))
-    if not labels:
+        if columns is None:
+            columns = _columns(path, list(row), valid, require_labels)
+        text_column, has_labels = columns
+        text = _field(path, line, row, text_column, str)
+        if not has_labels:
+            yield text, None
+            continue
+        yield text, _label(path, line, _field(path, line, row, LABEL_COLUMN, (str, int)), num_labels)
+    if columns is None:
         raise DataError(f"classification file {path} has no rows; {valid}")
-    return texts, np.array(labels, np.int32)
 
 
-def _text_column(path: Path, columns: list[str], valid: str) -> str:
+def _columns(path: Path, columns: list[str], valid: str, require_labels: bool) -> tuple[str, bool]:
+    """The text column's name, and whether the file has labels."""
     found = [name for name in TEXT_COLUMNS if name in columns]
-    if not found or LABEL_COLUMN not in columns:
+    if not found or (require_labels and LABEL_COLUMN not in columns):
         raise DataError(f"classification file {path} has columns {columns}; {valid}")
-    return found[0]
+    return found[0], LABEL_COLUMN in columns
 
 
 def _field(path: Path, line: int, row: dict, column: str, kinds: type | tuple[type, ...]) -> object:
