@@ -3,7 +3,7 @@
     python benchmarks/predict.py --run RUN_DIR [--data dev.tsv] [--repeats 3] [--json out.json]
 
 ``RUN_DIR`` is made by ``python -m jaxmp.train --task classify``. Each policy loads the run's float32
-params and casts them once (``jaxmp.inference.classify.serving_params``); a first pass over ``--data``
+params and casts them once, or quantises them to 8 bits (``jaxmp.inference.load.serving_params``); a first pass over ``--data``
 compiles one program per batch length and gives the accuracy, compared with the run's reported
 ``final_val_accuracy``. Then the passes are timed, policies interleaved (``a b c a b c ...``) so a
 neighbour's load hits all of them alike: sentences/s is the rows over the median wall time of a whole
@@ -30,6 +30,8 @@ POLICIES = {
     "fp32": "fp32",
     "bf16 compute": "bf16",
     "pure bf16 (bf16 params)": "params=bfloat16,compute=bfloat16",
+    "int8 weights, bf16 compute": "bf16,weights=int8",
+    "fp8 weights, bf16 compute": "bf16,weights=fp8",
 }
 
 

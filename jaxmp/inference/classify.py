@@ -2,7 +2,7 @@
 ``BertForSequenceClassification`` directory.
 
 ``load_classifier(path, policy)`` reads the weights in float32 and prepares them for the policy in one
-place, :func:`serving_params`. ``predict_rows(classifier, rows)`` streams ``(text, label)`` rows through
+place, :func:`jaxmp.inference.load.serving_params`. ``predict_rows(classifier, rows)`` streams ``(text, label)`` rows through
 the model ``chunk_rows`` at a time (never all of them): each chunk is tokenized as training tokenized its
 rows (:func:`jaxmp.data.classify.encode_texts`), cut into batches of ``batch_size`` rows, each batch cut to
 its longest row rounded up to ``pad_multiple`` tokens (as training's ``pad_multiple``: a few shapes, so a
@@ -31,12 +31,12 @@ from jaxmp import hf, models
 from jaxmp.checkpoint import Checkpointer
 from jaxmp.data.classify import encode_texts, load_hf_tokenizer, padded_length
 from jaxmp.errors import UsageError
-from jaxmp.inference.load import check_float16_range
+from jaxmp.inference.load import serving_params
 from jaxmp.precision import Policy, get_policy
 from jaxmp.training.config import TrainConfig
 from jaxmp.training.run_dir import RunDir
 
-__all__ = ["Classifier", "Prediction", "CompileTimes", "load_classifier", "serving_params", "predict_rows"]
+__all__ = ["Classifier", "Prediction", "CompileTimes", "load_classifier", "predict_rows"]
 
 HF_SEQ_LEN = 128  # a Hugging Face directory's default max length (``load_classification_data``'s)
 HF_PAD_MULTIPLE = 16  # a Hugging Face directory's default bucket (``jaxmp.train``'s ``pad_multiple``)
@@ -50,7 +50,7 @@ class Classifier:
 
     Attributes:
       model: the BERT module (task ``classify``), carrying the serving policy.
-      params: params in that policy's param dtypes (:func:`serving_params`).
+      params: params in that policy's param dtypes (:func:`jaxmp.inference.load.serving_params`).
       tokenizer: the ``transformers`` tokenizer the model was fine-tuned with.
       seq_len: the run's max length (a Hugging Face directory: :data:`HF_SEQ_LEN`).
       pad_multiple: the run's bucket size (a Hugging Face directory: :data:`HF_PAD_MULTIPLE`).
@@ -98,21 +98,6 @@ class CompileTimes:
     lengths: list[int] = dataclasses.field(default_factory=list)
 
 
-def serving_params(config: Any, params: Any, policy: Policy) -> tuple[Any, Any]:
-    """The model and params to serve under ``policy``: the one place a classifier's weights are prepared.
-
-    Args:
-      config: the model's config (``BertConfig``).
-      params: float32 params.
-      policy: the serving policy; params are cast once to each module's param dtype.
-
-    Raises:
-      UsageError: a weight beyond float16's range where ``policy`` holds or computes it in float16.
-    """
-    check_float16_range(params, policy)
-    return models.create_model(config, policy), hf.cast_params(params, policy)
-
-
 def _require_classifier(config: Any, path: Path) -> None:
     if getattr(config, "task", None) != "classify":
         kind = "a causal language model" if models.is_causal_lm(config) else f"a {type(config).__name__}"
@@ -158,7 +143,7 @@ def load_classifier(path: str | os.PathLike, policy: Policy | str = "fp32") -> C
     Args:
       path: the directory. A run's tokenizer is its ``init`` directory's; a Hugging Face directory's
         is its own.
-      policy: the serving policy (see :func:`serving_params`).
+      policy: the serving policy (see :func:`jaxmp.inference.load.serving_params`).
 
     Raises:
       UsageError: an unknown path or policy, a model without a classification head (an LM, a run of

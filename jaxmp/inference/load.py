@@ -27,7 +27,7 @@ from jaxmp.precision import Policy, get_policy
 from jaxmp.training.config import TrainConfig
 from jaxmp.training.run_dir import RunDir
 
-__all__ = ["LoadedModel", "load_model", "with_policy", "check_float16_range"]
+__all__ = ["LoadedModel", "load_model", "with_policy", "serving_params", "check_float16_range"]
 
 _FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)
 
@@ -166,6 +166,22 @@ def with_policy(loaded: LoadedModel, policy: Policy) -> LoadedModel:
     Raises:
       UsageError: a weight beyond float16's range where ``policy`` holds or computes it in float16.
     """
-    check_float16_range(loaded.params, policy)
-    model = models.create_model(loaded.model.config, policy)
-    return dataclasses.replace(loaded, model=model, params=quantize.quantize_params(loaded.params, policy))
+    model, params = serving_params(loaded.model.config, loaded.params, policy)
+    return dataclasses.replace(loaded, model=model, params=params)
+
+
+def serving_params(config: Any, params: Any, policy: Policy) -> tuple[Any, Any]:
+    """The model of ``config`` and its params as served under ``policy``: the one place a loaded model's
+    weights are prepared (generation, evaluation, classification).
+
+    Args:
+      config: a jaxmp model config (GPT-2, Llama, BERT).
+      params: float32 params.
+      policy: the serving policy: params are cast once to each module's param dtype, and quantised to
+        8 bits where its ``weights`` key says so (:func:`jaxmp.quantize.quantize_params`).
+
+    Raises:
+      UsageError: a weight beyond float16's range where ``policy`` holds or computes it in float16.
+    """
+    check_float16_range(params, policy)
+    return models.create_model(config, policy), quantize.quantize_params(params, policy)
