@@ -7,7 +7,7 @@ Grammar (a superset of jmp's)::
     OVERRIDE := PATTERN ':' KEY '=' DTYPE (',' KEY '=' DTYPE)*
     KEY      := params | p | compute | c | output | o | matmul | m | weights | w | kv
     DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
-                (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY];
+                (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY] | int8;
                  weights: param | int8 | fp8;  kv: compute | int8 | fp8 | a float DTYPE)
     PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | fp8-current | auto
 
@@ -36,7 +36,10 @@ Differences from ``jmp.get_policy``:
   another float dtype) in that dtype; ``compute`` (the default) in the layer's compute dtype. As for
   fp8 matmuls, the islands, embeddings and output heads keep their weights unless an override names
   them (``int8;.*embed.*:weights=int8``). Training refuses both keys: they describe how a trained
-  model is served. A preset may be followed by more keys: ``bf16,weights=int8,kv=int8``.
+  model is served. ``matmul=int8`` (serving too) runs a module's dense matmuls as int8 x int8 dots
+  with int32 accumulation: the activations are quantised per row (token) by their own absmax, the
+  kernel per output channel (stored so with ``weights=int8``). A preset may be followed by more
+  keys: ``bf16,weights=int8,matmul=int8,kv=int8``.
 """
 
 from __future__ import annotations
@@ -145,11 +148,13 @@ def _parse_mode(field: str, value: str, *, where: str) -> str:
     ``fp8-delayed-16``), ``weights`` (``WEIGHT_FORMATS``) or ``kv`` (``compute``, ``int8``, ``fp8`` or a
     float dtype's canonical name)."""
     name = value.strip().lower()
+    if field == "matmul" and name == "int8":
+        return name
     if field == "matmul":
         try:
             recipe = Recipe.parse(name)
         except ValueError:
-            raise ValueError(f"unknown matmul {value!r} in {where}; valid: {Recipe.GRAMMAR}") from None
+            raise ValueError(f"unknown matmul {value!r} in {where}; valid: {Recipe.GRAMMAR}, int8") from None
         return "compute" if recipe is None else str(recipe)
     if field == "weights" and name in WEIGHT_FORMATS:
         return name
@@ -269,14 +274,22 @@ class Policy:
 
     @property
     def serving_only(self) -> tuple[str, ...]:
-        """The serving keys (``weights``, ``kv``) this policy sets anywhere; training refuses them."""
-        named = {field for field in ("weights", "kv") if getattr(self, field) != _MODE_DEFAULTS[field]}
-        named.update(field for _, rule in self.overrides for field, _ in rule if field in ("weights", "kv"))
+        """The serving keys this policy sets anywhere (``weights``, ``kv``, ``matmul=int8``); training
+        refuses them."""
+        rules = [tuple((f, getattr(self, f)) for f in _MODE_FIELDS), *(rule for _, rule in self.overrides)]
+        named = {
+            f"{field}={value}" if field == "matmul" else field
+            for rule in rules
+            for field, value in rule
+            if (field in ("weights", "kv") and value != _MODE_DEFAULTS[field])
+            or (field, value) == ("matmul", "int8")
+        }
         return tuple(sorted(named))
 
     def fp8_recipe(self, path: str) -> Recipe | None:
-        """The fp8 recipe of the module at ``path``'s matmuls; None when they run in its compute dtype."""
-        return Recipe.parse(self.matmul_for(path))
+        """The fp8 recipe of the module at ``path``'s matmuls; None when they do not run in fp8."""
+        matmul = self.matmul_for(path)
+        return None if matmul == "int8" else Recipe.parse(matmul)
 
     @property
     def uses_delayed_fp8(self) -> bool:

@@ -15,7 +15,8 @@ compute dtype with float32 accumulation and is exact up to the quantisation itse
 Weights are quantised once, when a model is loaded for serving (:func:`quantize_params`), under the
 policy's ``weights=`` key; jaxmp's layers read the stored ``<name>_scale`` param next to an 8-bit
 ``kernel`` or ``embedding``. The KV cache is quantised as it is written, one scale per token and
-head (a token's keys are never rescaled later).
+head (a token's keys are never rescaled later). ``matmul=int8`` runs a dense layer as an int8 dot
+(:func:`int8_matmul`): activations quantised per token too, int32 accumulation.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantize_params",
-    "quantized_axes",
+    "int8_matmul",
 ]
 
 # Storage dtype and largest magnitude used of each 8-bit format. int8 stays symmetric (-127..127).
@@ -84,16 +85,6 @@ def dequantize(q: jax.Array, scale: jax.Array, axis: int, dtype: Any = jnp.float
     return (q.astype(jnp.float32) * jnp.expand_dims(scale, axis)).astype(dtype)
 
 
-def quantized_axes(params: Any) -> dict[str, int]:
-    """``{"<module>/<name>": reduced axis}`` for every 8-bit weight of a served params tree."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return {
-        path: _REDUCED_AXIS[path.rsplit("/", 1)[-1]]
-        for path, leaf in flat.items()
-        if path.rsplit("/", 1)[-1] in _REDUCED_AXIS and format_of(leaf.dtype)
-    }
-
-
 def quantize_params(params: Any, policy: Policy | str) -> Any:
     """A jaxmp model's params as served under ``policy``, from float (ideally float32) params.
 
@@ -120,3 +111,19 @@ def quantize_params(params: Any, policy: Policy | str) -> Any:
         else:
             served[path] = leaf
     return traverse_util.unflatten_dict(served, sep="/")
+
+
+def int8_matmul(x: jax.Array, kernel_KxF: jax.Array, scale_F: jax.Array | None) -> jax.Array:
+    """float32 ``x[..., K] @ kernel`` as an int8 x int8 dot with int32 accumulation (``matmul=int8``).
+
+    Each row of ``x`` (a token) is quantised by its own absmax; an int8 ``kernel_KxF`` with its
+    ``scale_F`` is used as stored, any other kernel (float, or E4M3 with its scales) is quantised per
+    output column first. The int32 sums are exact; the result is ``sum * x_scale * scale_F``.
+    """
+    if kernel_KxF.dtype != jnp.int8:
+        floats = kernel_KxF if scale_F is None else dequantize(kernel_KxF, scale_F, axis=0)
+        kernel_KxF, scale_F = quantize(floats, "int8", axis=0)
+    x_q, x_scale = quantize(x, "int8", axis=-1)
+    contract = (((x.ndim - 1,), (0,)), ((), ()))
+    sums = jax.lax.dot_general(x_q, kernel_KxF, contract, preferred_element_type=jnp.int32)
+    return sums.astype(jnp.float32) * x_scale[..., None] * scale_F

@@ -214,9 +214,7 @@ def generate(
         knobs,
         np.int32(-1 if eos_id is None else eos_id),
     )
-    static = {"model": model, "max_new_tokens": max_new_tokens}
-    started = time.perf_counter()
-    compiled = _decode.lower(*args, **static).compile()
+    compiled, compile_seconds = _compiled_decode(args, model, max_new_tokens)
     compiled_at = time.perf_counter()
     tokens_BxN, steps, finite = jax.device_get(compiled(*args))
     finished = time.perf_counter()
@@ -228,8 +226,27 @@ def generate(
     memory = compiled.memory_analysis()
     program_bytes = None if memory is None else memory.argument_size_in_bytes + memory.temp_size_in_bytes
     return Generation(
-        tokens_BxN, lengths_B, bool(finite), finished - compiled_at, compiled_at - started, program_bytes
+        tokens_BxN, lengths_B, bool(finite), finished - compiled_at, compile_seconds, program_bytes
     )
+
+
+_COMPILED: dict[Any, Any] = {}  # the decode programs compiled so far, by model, length and argument shapes
+_MAX_COMPILED = 8
+
+
+def _compiled_decode(args: tuple, model: Any, max_new_tokens: int) -> tuple[Any, float]:
+    """The compiled :func:`_decode` for these arguments' shapes and dtypes, and the seconds compiling it
+    took now (0 when an earlier call compiled it)."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (model, max_new_tokens, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    started = time.perf_counter()
+    compiled = _decode.lower(*args, model=model, max_new_tokens=max_new_tokens).compile()
+    if len(_COMPILED) >= _MAX_COMPILED:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = compiled
+    return compiled, time.perf_counter() - started
 
 
 def sample_text(

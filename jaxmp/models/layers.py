@@ -160,7 +160,9 @@ class Dense(PolicyModule):
             self, "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features)
         )
         recipe = self.policy.fp8_recipe(self.module_path)
-        if recipe is not None:  # E4M3 operands, fp32 accumulation
+        if self.policy.matmul_for(self.module_path) == "int8":  # int8 operands, int32 accumulation
+            y = quantize.int8_matmul(x_BxLxK, kernel_KxF, scale_F)
+        elif recipe is not None:  # E4M3 operands, fp32 accumulation
             if scale_F is not None:
                 kernel_KxF = quantize.dequantize(kernel_KxF, scale_F, axis=0)
             y = self._fp8_matmul(x_BxLxK.astype(self.dtype), kernel_KxF, recipe)

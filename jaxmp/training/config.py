@@ -149,7 +149,7 @@ class TrainConfig:
         if serving_keys:
             raise UsageError(
                 f"`policy` {self.policy!r} sets {' and '.join(serving_keys)}, which say how a trained model is "
-                "served (jaxmp.generate, jaxmp.evaluate, jaxmp.predict); train with float weights and KV cache"
+                "served (jaxmp.generate, jaxmp.evaluate, jaxmp.predict); train without them"
             )
 
     def _check_task_fields(self) -> None:
