@@ -126,4 +126,4 @@ def int8_matmul(x: jax.Array, kernel_KxF: jax.Array, scale_F: jax.Array | None) 
     x_q, x_scale = quantize(x, "int8", axis=-1)
     contract = (((x.ndim - 1,), (0,)), ((), ()))
     sums = jax.lax.dot_general(x_q, kernel_KxF, contract, preferred_element_type=jnp.int32)
-    return sums.astype(jnp.float32) * x_scale[..., None] * scale_F
+    return sums.astype(jnp.float32) * x_scale[..., None] * scale_F.reshape((1,) * (x.ndim - 1) + (-1,))

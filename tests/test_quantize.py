@@ -173,3 +173,22 @@ def test_policy_grammar_of_the_serving_keys():
     ]:
         with pytest.raises(ValueError, match=problem):
             get_policy(spec)
+
+
+def test_int8_matmul_is_the_exact_integer_product_of_both_quantised_operands():
+    rng = np.random.default_rng(4)
+    x_BxLxK, w_KxF = (
+        rng.standard_normal((2, 3, 40)).astype(np.float32),
+        rng.standard_normal((40, 6)).astype(np.float32),
+    )
+    x_scale = np.abs(x_BxLxK).max(-1, keepdims=True) / 127
+    w_scale = np.abs(w_KxF).max(0) / 127
+    x_q, w_q = np.round(x_BxLxK / x_scale).astype(np.int64), np.round(w_KxF / w_scale).astype(np.int64)
+    expected = (x_q @ w_q) * x_scale * w_scale  # integer sums, then both scales
+    q, scale = quantize.quantize(w_KxF, "int8", axis=0)
+    np.testing.assert_allclose(quantize.int8_matmul(x_BxLxK, q, scale), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        quantize.int8_matmul(x_BxLxK, w_KxF, None), expected, rtol=1e-6
+    )  # float kernel
+    exact = x_BxLxK @ w_KxF
+    assert float(np.max(np.abs(expected - exact))) < 0.02 * float(np.max(np.abs(exact)))
