@@ -96,8 +96,20 @@ def matmul(x: jax.Array, w: jax.Array, w_contract_axis: int = 0) -> jax.Array:
 
 
 def _forward(x, w, w_contract_axis):
-    y_NxF = _dot(_rows(x), w.astype(x.dtype), 1, w_contract_axis)
+    x_NxK = _rows(x)
+    if x_NxK.shape[0] == 1 and x.dtype.itemsize < 4:
+        # Batch-1 decoding: XLA:CPU multiplies a single bf16/fp16 row in float32, converting the weight
+        # and hoisting a float32 copy of every weight out of the decode loop (twice fp32's memory). Two
+        # rows take its native low-precision matmul (a YNNPACK fusion) on the weights as stored.
+        y_NxF = _dot(pad_single_row(x_NxK), w.astype(x.dtype), 1, w_contract_axis)[:1]
+    else:
+        y_NxF = _dot(x_NxK, w.astype(x.dtype), 1, w_contract_axis)
     return y_NxF.reshape(*x.shape[:-1], y_NxF.shape[-1]), (x, w)
+
+
+def pad_single_row(x_1xK: jax.Array) -> jax.Array:
+    """``[2, K]``: the one row of ``x_1xK`` twice (a matmul of it keeps row 0 of its result)."""
+    return jnp.concatenate([x_1xK, x_1xK])
 
 
 def _backward(w_contract_axis, residuals, cotangent):

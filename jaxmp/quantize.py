@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxmp import fastdot
 from jaxmp.precision import Policy, get_policy
 
 __all__ = [
@@ -113,17 +114,37 @@ def quantize_params(params: Any, policy: Policy | str) -> Any:
     return traverse_util.unflatten_dict(served, sep="/")
 
 
-def int8_matmul(x: jax.Array, kernel_KxF: jax.Array, scale_F: jax.Array | None) -> jax.Array:
+def int8_matmul(
+    x: jax.Array, kernel: jax.Array, scale_F: jax.Array | None, contract_axis: int = 0
+) -> jax.Array:
     """float32 ``x[..., K] @ kernel`` as an int8 x int8 dot with int32 accumulation (``matmul=int8``).
 
-    Each row of ``x`` (a token) is quantised by its own absmax; an int8 ``kernel_KxF`` with its
-    ``scale_F`` is used as stored, any other kernel (float, or E4M3 with its scales) is quantised per
-    output column first. The int32 sums are exact; the result is ``sum * x_scale * scale_F``.
+    Each row of ``x`` (a token) is quantised by its own absmax; an int8 kernel with its ``scale_F`` is
+    used as stored, any other kernel (float, or E4M3 with its scales) is quantised per output channel
+    first. The int32 sums are exact; the result is ``sum * x_scale * scale_F``.
+
+    Args:
+      x: ``[..., K]`` activations, any float dtype.
+      kernel: ``[K, F]`` (``contract_axis=0``) or ``[F, K]`` (``contract_axis=1``, a tied embedding).
+      scale_F: float32 ``[F]`` scales of an 8-bit ``kernel``; None for a float kernel.
     """
-    if kernel_KxF.dtype != jnp.int8:
-        floats = kernel_KxF if scale_F is None else dequantize(kernel_KxF, scale_F, axis=0)
-        kernel_KxF, scale_F = quantize(floats, "int8", axis=0)
+    if kernel.dtype != jnp.int8:
+        floats = kernel if scale_F is None else dequantize(kernel, scale_F, axis=contract_axis)
+        kernel, scale_F = quantize(floats, "int8", axis=contract_axis)
     x_q, x_scale = quantize(x, "int8", axis=-1)
-    contract = (((x.ndim - 1,), (0,)), ((), ()))
-    sums = jax.lax.dot_general(x_q, kernel_KxF, contract, preferred_element_type=jnp.int32)
+    x_NxK = x_q.reshape(-1, x.shape[-1])
+    if x_NxK.shape[0] == 1:
+        # XLA:CPU runs an int8 dot natively (a YNNPACK fusion reading the int8 kernel) only for two or
+        # more rows; a single row is multiplied in int32, hoisting an int32 copy of every kernel out
+        # of the decode loop (4 bytes per weight instead of 1).
+        sums = _int_dot(fastdot.pad_single_row(x_NxK), kernel, contract_axis)[:1]
+    else:
+        sums = _int_dot(x_NxK, kernel, contract_axis)
+    sums = sums.reshape(*x.shape[:-1], -1)
     return sums.astype(jnp.float32) * x_scale[..., None] * scale_F.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def _int_dot(x_NxK: jax.Array, kernel: jax.Array, contract_axis: int) -> jax.Array:
+    """int32 ``[N, F]``: int8 ``x @ kernel`` (``kernel`` contracted on ``contract_axis``), exact."""
+    contract = (((1,), (contract_axis,)), ((), ()))
+    return jax.lax.dot_general(x_NxK, kernel, contract, preferred_element_type=jnp.int32)

@@ -103,12 +103,26 @@ def _stored_weight(
 
 
 def _scaled_matmul(
-    x: jax.Array, kernel: jax.Array, scale_F: jax.Array | None, dtype: Any, contract_axis: int = 0
+    module: PolicyModule, x: jax.Array, kernel: jax.Array, scale_F: jax.Array | None, contract_axis: int = 0
 ) -> jax.Array:
-    """float32 ``x @ kernel`` (``kernel`` contracted on ``contract_axis``) on ``dtype`` inputs; an 8-bit
-    ``kernel`` enters in ``dtype`` (exact) and the product is multiplied by its per-column ``scale_F``."""
+    """float32 ``x @ kernel`` (``kernel`` contracted on ``contract_axis``) as ``module``'s policy says: an
+    int8 dot (``matmul=int8``), or on its compute-dtype inputs, an 8-bit ``kernel`` entering in that
+    dtype (exact) and the product multiplied by its per-column ``scale_F``."""
+    if module.policy.matmul_for(module.module_path) == "int8":  # int8 operands, int32 accumulation
+        return quantize.int8_matmul(x, kernel, scale_F, contract_axis)
+    dtype = module.dtype
     y = fastdot.matmul(x.astype(dtype), kernel.astype(dtype), contract_axis)
     return y if scale_F is None else y * _last_axis(scale_F, y.ndim)
+
+
+def _take_rows(table_VxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+    """``table[ids]``: ``[B, L, D]`` rows in the table's dtype. A 16-bit float table is gathered as its
+    uint16 bits: XLA:CPU runs a bfloat16/float16 gather in float32, converting the whole table first,
+    and hoists that float32 copy out of a decode loop (twice the memory of fp32 weights at rest)."""
+    if table_VxD.dtype.itemsize != 2 or not jnp.issubdtype(table_VxD.dtype, jnp.floating):
+        return jnp.take(table_VxD, ids_BxL, axis=0)
+    bits_VxD = jax.lax.bitcast_convert_type(table_VxD, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits_VxD, ids_BxL, axis=0), table_VxD.dtype)
 
 
 class PolicyModule(nn.Module):
@@ -160,14 +174,12 @@ class Dense(PolicyModule):
             self, "kernel", _normal(self.init_std), (x_BxLxK.shape[-1], self.features)
         )
         recipe = self.policy.fp8_recipe(self.module_path)
-        if self.policy.matmul_for(self.module_path) == "int8":  # int8 operands, int32 accumulation
-            y = quantize.int8_matmul(x_BxLxK, kernel_KxF, scale_F)
-        elif recipe is not None:  # E4M3 operands, fp32 accumulation
+        if recipe is not None:  # E4M3 operands, fp32 accumulation
             if scale_F is not None:
                 kernel_KxF = quantize.dequantize(kernel_KxF, scale_F, axis=0)
             y = self._fp8_matmul(x_BxLxK.astype(self.dtype), kernel_KxF, recipe)
         else:
-            y = _scaled_matmul(x_BxLxK, kernel_KxF, scale_F, self.dtype)  # fp32 accumulation
+            y = _scaled_matmul(self, x_BxLxK, kernel_KxF, scale_F)  # fp32 or int32 accumulation
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + _last_axis(bias_F.astype(self.dtype), y.ndim)
@@ -210,7 +222,7 @@ class Embed(PolicyModule):
         table_VxD, scale_V = _stored_weight(
             self, "embedding", _normal(self.init_std), (self.num_embeddings, self.features)
         )
-        rows_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0)
+        rows_BxLxD = _take_rows(table_VxD, ids_BxL)
         if scale_V is not None:
             rows_BxLxD = rows_BxLxD.astype(jnp.float32) * jnp.take(scale_V, ids_BxL, axis=0)[..., None]
         return rows_BxLxD.astype(self.dtype)
@@ -621,7 +633,7 @@ class LogitsHead(PolicyModule):
         else:
             (kernel, scale_F), contract_axis = tied, 1
         logits_dtype = resolve_subpath(self.policy, f"{self.module_path}/logits", "logits").compute_dtype
-        accumulator = _scaled_matmul(x_BxLxD, kernel, scale_F, self.dtype, contract_axis)
+        accumulator = _scaled_matmul(self, x_BxLxD, kernel, scale_F, contract_axis)
         logits = accumulator.astype(logits_dtype)  # fp32 island: final logits
         if self.use_bias:
             bias_F = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
