@@ -87,7 +87,7 @@ def quality(model_dir: str, data: str | None) -> dict:
         loaded, list(QUALITY_POLICIES.values()), tokens_N, seq_len, batch_size=16, prompts=PROMPTS
     )
     print(f"## Quality of {model_dir} ({len(tokens_N)} validation tokens, seq_len {seq_len})\n")
-    print("| policy | " + markdown_table(results).split("\n", 1)[0].removeprefix("| "))
+    print("| serving | " + markdown_table(results).split("\n", 1)[0].removeprefix("| "))
     print("| --- | " + markdown_table(results).split("\n")[1].removeprefix("| "))
     for name, line in zip(QUALITY_POLICIES, markdown_table(results).split("\n")[2:], strict=True):
         print(f"| {name} {line}")
