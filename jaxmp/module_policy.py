@@ -266,6 +266,7 @@ class ModuleRow:
     output: str
     rule: str
     matmul: str = "—"
+    weights: str = "—"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,11 +277,15 @@ class PolicyTable:
     rows: tuple[ModuleRow, ...]
 
     def __str__(self) -> str:
-        fp8 = any(row.matmul.startswith("fp8") for row in self.rows)  # the column only when it says something
-        header = ("module", "type", "params", "compute", "output", *(("matmul",) if fp8 else ()), "rule")
+        # the matmul and weights columns only when they say something
+        matmul = any(row.matmul not in ("compute", "—") for row in self.rows)
+        weights = any(row.weights not in ("param", "—") for row in self.rows)
+        header = ("module", "type", "params", "compute", "output")
+        header += ("matmul",) * matmul + ("weights",) * weights + ("rule",)
         cells = [header] + [
             ((row.path or "(model)"), row.kind, row.params, row.compute, row.output)
-            + ((row.matmul,) if fp8 else ())
+            + (row.matmul,) * matmul
+            + (row.weights,) * weights
             + (row.rule,)
             for row in self.rows
         ]
@@ -301,6 +306,7 @@ def _row(policy: Policy, path: str, kind: str, fp8_capable: bool) -> ModuleRow:
         dtype_name(output),
         rule,
         policy.matmul_for(path) if fp8_capable else "—",
+        policy.weights_for(path) if fp8_capable or kind in ("Embed", "LogitsHead") else "—",
     )
 
 

@@ -192,3 +192,16 @@ def test_int8_matmul_is_the_exact_integer_product_of_both_quantised_operands():
     )  # float kernel
     exact = x_BxLxK @ w_KxF
     assert float(np.max(np.abs(expected - exact))) < 0.02 * float(np.max(np.abs(exact)))
+
+
+def test_policy_cli_shows_the_weight_format_and_stored_bytes(capsys):
+    from jaxmp.policy import main
+
+    assert main(["--model", "gpt2-tiny", "--policy", "fp32,weights=int8;.*embed.*:weights=int8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["module", "type", "params", "compute", "output", "weights", "rule"]
+    assert any(
+        line.split()[:2] == ["blocks_0/mlp/fc_in", "Dense"] and line.split()[5] == "int8" for line in lines
+    )
+    stored, ratio = lines[-1], float(lines[-1].split(", ")[1].split("x")[0])
+    assert stored.startswith("params as stored:") and 0.25 < ratio <= 0.27

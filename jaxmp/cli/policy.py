@@ -3,8 +3,9 @@
     python -m jaxmp.policy --model gpt2-tiny --policy "bf16;.*attn.*:compute=float32"
 
 ``--model`` is a preset, a jaxmp run directory or a Hugging Face directory. Prints one row per
-module: its path, params / compute / output dtype and the rule that decided them (``base``, an
-fp32 ``island``, or ``override N``). An override that matches no module is an error naming it and
+module: its path, params / compute / output dtype, how its matmuls run and its weights are stored
+when the policy says (``matmul=fp8``, ``weights=int8``...) and the rule that decided them (``base``,
+an fp32 ``island``, or ``override N``); then the bytes of the params as the policy stores them. An override that matches no module is an error naming it and
 the closest module paths (:func:`jaxmp.describe_policy`).
 """
 
@@ -78,4 +79,23 @@ def _policy_cli(argv: Sequence[str] | None) -> int:
     except ValueError as error:
         raise UsageError(f"--policy: {error}") from None
     print(table)
+    print(_stored_bytes(model, policy))
     return 0
+
+
+def _stored_bytes(model: Any, policy: Any) -> str:
+    """One line: the bytes of the model's params as ``policy`` stores them (8-bit weights with their
+    scales), against float32. Shapes only: nothing is allocated."""
+    import jax
+
+    from jaxmp import models
+    from jaxmp.lowp import tree_bytes
+
+    def stored(spec: Any) -> int:
+        served = models.create_model(model.config, spec)
+        return tree_bytes(jax.eval_shape(lambda: models.init_params(served, jax.random.key(0), 1)))
+
+    fp32, served = stored("fp32"), stored(policy)
+    return (
+        f"params as stored: {served / 2**20:.2f} MiB, {served / fp32:.3f}x float32 ({fp32 / 2**20:.2f} MiB)"
+    )
