@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax
 import numpy as np
+from common import environment
 
 from jaxmp import hf, models, quantize
 from jaxmp.data.lm import LMDataConfig, load_lm_dataset
@@ -269,8 +270,12 @@ def main() -> None:
         results["quality"] = quality(args.run, args.data)
     if not args.skip_speed:
         results["speed"] = speed(args.skip_torch)
+    env = environment()
+    print(
+        f"{env['date']} · {env['cpu']} ({' '.join(env['cpu_flags'])}) · load {env['load_average_1min']:.1f}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
