@@ -5,9 +5,10 @@ Grammar (a superset of jmp's)::
     SPEC     := BASE (';' OVERRIDE)*
     BASE     := PRESET | KEY '=' DTYPE (',' KEY '=' DTYPE)*
     OVERRIDE := PATTERN ':' KEY '=' DTYPE (',' KEY '=' DTYPE)*
-    KEY      := params | p | compute | c | output | o | matmul | m
+    KEY      := params | p | compute | c | output | o | matmul | m | moments
     DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
                 (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY])
+                (moments: float32 | bfloat16 | int8 | fp8, and their float aliases)
     PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | fp8-current | auto
 
 Differences from ``jmp.get_policy``:
@@ -28,6 +29,10 @@ Differences from ``jmp.get_policy``:
   tensor by its own amax (:class:`jaxmp.fp8.Recipe`). The islands, embeddings and output heads stay
   out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16 with fp8 matmuls
   (delayed scaling); ``fp8-current`` the same with current scaling.
+* ``moments`` is the storage of Adam's moments for the params a module owns (``int8``/``fp8``:
+  block-wise quantised, :mod:`jaxmp.moments8`). In the base it replaces the optimizer's
+  ``moment_dtype`` (norms, biases and small tensors still keep float32 moments); in an override it
+  applies to every param of the matched modules as written, e.g. ``bf16;.*embed.*:moments=float32``.
 """
 
 from __future__ import annotations
@@ -76,15 +81,18 @@ _KEYS: Mapping[str, str] = {
     "o": "output_dtype",
     "matmul": "matmul",
     "m": "matmul",
+    "moments": "moments",
 }
 _CANONICAL_KEY = {
     "param_dtype": "params",
     "compute_dtype": "compute",
     "output_dtype": "output",
     "matmul": "matmul",
+    "moments": "moments",
 }
 _FIELDS = ("param_dtype", "compute_dtype", "output_dtype")  # the dtypes, as jmp.Policy holds them
-_ALL_FIELDS = (*_FIELDS, "matmul")
+_ALL_FIELDS = (*_FIELDS, "matmul", "moments")
+MOMENT_STORAGES = ("float32", "bfloat16", "int8", "fp8")  # values of the ``moments`` key
 # Module paths that compute in float32 unless a user override matches them first.
 FP32_ISLANDS = re.compile(r"(?i:.*norm.*)|(.*/)?softmax|(.*/)?logits")  # Flax names norms LayerNorm_0
 # Module paths whose matmuls stay out of fp8 unless a user override asks: the islands, embeddings
@@ -145,9 +153,24 @@ def _parse_assignments(text: str, *, where: str) -> dict[str, Any]:
             except ValueError:
                 raise ValueError(f"unknown matmul {value!r} in {where}; valid: {Recipe.GRAMMAR}") from None
             assignments[field] = "compute" if recipe is None else str(recipe)
+        elif field == "moments":
+            assignments[field] = _parse_moments(value, where=where)
         else:
             assignments[field] = parse_dtype(value)
     return assignments
+
+
+def _parse_moments(value: str, *, where: str) -> str:
+    """Canonical name (one of ``MOMENT_STORAGES``) of a ``moments`` value."""
+    name = value.strip().lower()
+    if name not in MOMENT_STORAGES:
+        try:
+            name = dtype_name(parse_dtype(name))
+        except ValueError:
+            name = ""
+    if name not in MOMENT_STORAGES:
+        raise ValueError(f"unknown moments {value!r} in {where}; valid: {', '.join(MOMENT_STORAGES)}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +183,8 @@ class Policy:
       output_dtype: dtype of model outputs and losses.
       matmul: how matmuls run: ``compute`` (in the compute dtype) or an fp8 recipe such as
         ``fp8-delayed-16`` or ``fp8-current`` (:class:`jaxmp.fp8.Recipe`).
+      moments: storage of Adam's moments (one of ``MOMENT_STORAGES``); None leaves it to the optimizer's
+        ``moment_dtype``.
       overrides: ``((pattern, ((field, dtype), ...)), ...)`` in priority order.
     """
 
@@ -167,6 +192,7 @@ class Policy:
     compute_dtype: np.dtype = np.dtype(np.float32)
     output_dtype: np.dtype = np.dtype(np.float32)
     matmul: str = "compute"
+    moments: str | None = None
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @property
@@ -209,6 +235,11 @@ class Policy:
         if named is not None:
             return named
         return "compute" if FP8_EXCLUDED.fullmatch(path) else self.matmul
+
+    def moments_for(self, path: str) -> str | None:
+        """Storage of Adam's moments for the params of the module at ``path`` (e.g. ``token_embed``): the
+        first matching override's ``moments`` if it names one, else the base's (None: not set)."""
+        return self._override_for(path)[1].get("moments", self.moments)
 
     def fp8_recipe(self, path: str) -> Recipe | None:
         """The fp8 recipe of the module at ``path``'s matmuls; None when they run in its compute dtype."""
@@ -261,10 +292,13 @@ class Policy:
         base = ",".join(f"{_CANONICAL_KEY[f]}={dtype_name(getattr(self, f))}" for f in _FIELDS)
         if self.matmul != "compute":
             base += f",matmul={self.matmul}"
+        if self.moments is not None:
+            base += f",moments={self.moments}"
         parts = [base]
         for pattern, assignments in self.overrides:
             body = ",".join(
-                f"{_CANONICAL_KEY[f]}={d if f == 'matmul' else dtype_name(d)}" for f, d in assignments
+                f"{_CANONICAL_KEY[f]}={d if f in ('matmul', 'moments') else dtype_name(d)}"
+                for f, d in assignments
             )
             parts.append(f"{pattern}:{body}")
         return ";".join(parts)
