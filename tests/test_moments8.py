@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxmp
-from jaxmp import lowp, moments8, optim
+from jaxmp import lowp, moments8, optim, sharding
 from jaxmp.checkpoint import Checkpointer
 
 FP8_MAX = 448.0
@@ -180,3 +180,19 @@ def test_resume_from_a_checkpoint_is_bitwise_exact(tmp_path, stepped_int8):
     restored, _ = checkpointer.restore(make_state()[0])  # same structure, fresh values
     assert_bitwise_equal(restored, state)
     assert_bitwise_equal(step(restored, batches[1])[0], step(state, batches[1])[0])
+
+
+def test_fsdp_plan_splits_codes_like_their_params():
+    # An abstract 2 x 4 mesh: the plan needs only the axis sizes, no devices.
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "fsdp"))
+    state = jax.eval_shape(lambda: make_state()[0])
+    shardings = sharding.plan_state_sharding(state, mesh).shardings
+    adam = shardings.opt_state.inner_state[1]
+    for moment in (adam.mu, adam.nu_sqrt):
+        for name in ("dense", "token_embed"):
+            (param_sharding,) = jax.tree.leaves(
+                shardings.params[name]["kernel" if name == "dense" else "embedding"]
+            )
+            quantized = moment[name]["kernel" if name == "dense" else "embedding"]
+            assert quantized.codes.spec == param_sharding.spec == jax.sharding.PartitionSpec("fsdp")
+            assert quantized.scale.spec == jax.sharding.PartitionSpec("fsdp")  # 16 blocks: 4 per device
