@@ -1,0 +1,78 @@
+"""8-bit Adam moments: train-state bytes per parameter of gpt2 (124M), and step time against bf16 moments.
+
+    python benchmarks/moments8.py [--repeats 15] [--json moments8.json]
+
+Bytes: the params and optimizer state of ``gpt2`` built with ``jax.eval_shape`` (nothing allocated), counted
+by ``jaxmp.lowp.state_bytes_per_param`` (8-bit codes, their fp32 block scales, the fp32 moments of norms,
+biases and small tensors, counters and PRNG keys all included). Step time: the default run's train step
+(gpt2-tiny, batch 32 x 64, the ``auto`` policy) with float32, bfloat16, int8 and fp8 moments, compiled
+first, then run round-robin; medians of wall and CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+from common import interleaved_times, lm_train_step, markdown_table, median, report
+
+import jaxmp
+from jaxmp import lowp, models
+
+BYTES_CASES = (  # (name, policy, param update, moment storage, policy override of the moments)
+    ("fp32 params, fp32 moments", "fp32", "nearest", "float32", ""),
+    ("fp32 params, int8 moments", "fp32", "nearest", "int8", ""),
+    ("fp32 params, fp8 moments", "fp32", "nearest", "fp8", ""),
+    ("pure-bf16 stochastic, bf16 moments", "pure-bf16", "stochastic", "bfloat16", ""),
+    ("pure-bf16 stochastic, int8 moments", "pure-bf16", "stochastic", "int8", ""),
+    ("pure-bf16 stochastic, fp8 moments", "pure-bf16", "stochastic", "fp8", ""),
+    ("pure-bf16 kahan, int8 moments", "pure-bf16", "kahan", "int8", ""),
+    (
+        "pure-bf16 stochastic, int8, embeddings fp32",
+        "pure-bf16",
+        "stochastic",
+        "int8",
+        ";.*embed.*:moments=float32",
+    ),
+)
+STEP_MOMENTS = ("float32", "bfloat16", "int8", "fp8")
+
+
+def bytes_per_param(policy: str, param_update: str, moment_dtype: str, override: str) -> float:
+    model = models.get_model("gpt2", policy)
+    params = jax.eval_shape(lambda key: models.init_params(model, key, 8), jax.random.key(0))
+    optimizer = jaxmp.make_optimizer(
+        moment_dtype=moment_dtype, param_update=param_update, policy=policy + override
+    )
+    return lowp.state_bytes_per_param(params, jax.eval_shape(optimizer.init, params))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    byte_rows = [(name, f"{bytes_per_param(*case):.3f}") for name, *case in BYTES_CASES]
+    print(markdown_table(["gpt2 (124M) train state", "bytes/param"], byte_rows), "\n", flush=True)
+    steps = {
+        moments: lm_train_step("gpt2-tiny", "auto", 32, 64, moment_dtype=moments) for moments in STEP_MOMENTS
+    }
+    times = interleaved_times({moments: step.run_once for moments, step in steps.items()}, args.repeats)
+    reference = median(times["bfloat16"]["wall"])
+    step_rows = [
+        (
+            moments,
+            f"{median(times[moments]['wall']) * 1e3:.0f}",
+            f"{median(times[moments]['cpu']) * 1e3:.0f}",
+            f"{median(times[moments]['wall']) / reference:.3f}",
+            f"{steps[moments].compile_seconds:.1f}",
+        )
+        for moments in STEP_MOMENTS
+    ]
+    table = markdown_table(["moments", "wall ms/step", "CPU ms/step", "wall vs bf16", "compile s"], step_rows)
+    results = {"bytes_per_param": dict(byte_rows), "step_seconds": times}
+    report("8-bit moments: gpt2-tiny 32x64 train step, auto policy", table, results, args.json)
+
+
+if __name__ == "__main__":
+    main()
