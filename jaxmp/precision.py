@@ -30,9 +30,10 @@ Differences from ``jmp.get_policy``:
   out of fp8 unless an override names their ``matmul``. The ``fp8`` preset is bf16 with fp8 matmuls
   (delayed scaling); ``fp8-current`` the same with current scaling.
 * ``moments`` is the storage of Adam's moments for the params a module owns (``int8``/``fp8``:
-  block-wise quantised, :mod:`jaxmp.moments8`). In the base it replaces the optimizer's
-  ``moment_dtype`` (norms, biases and small tensors still keep float32 moments); in an override it
-  applies to every param of the matched modules as written, e.g. ``bf16;.*embed.*:moments=float32``.
+  block-wise quantised, :mod:`jaxmp.moments8`), replacing the optimizer's ``moment_dtype`` for
+  them, e.g. ``bf16;.*embed.*:moments=float32`` or, for every module, ``bf16;.*:moments=int8``.
+  Vectors (norms, biases) and tensors under 4096 values keep float32 moments even when 8-bit is
+  named (:func:`jaxmp.optim.moment_storages`).
 """
 
 from __future__ import annotations
