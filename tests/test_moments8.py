@@ -101,6 +101,7 @@ def test_moment_storages_protect_small_tensors_and_follow_the_policy():
     expected["token_embed"]["embedding"] = "float32"
     assert optim.moment_storages(params, "int8", policy) == expected
     base = jaxmp.get_policy("params=float32,compute=bfloat16,moments=fp8;.*embed.*:moments=float32")
+    assert jaxmp.get_policy(str(base)) == base and base.moments == "fp8"
     expected["dense"]["kernel"] = "fp8"
     assert optim.moment_storages(params, "float32", base) == expected
     with pytest.raises(ValueError, match="unknown moments"):
