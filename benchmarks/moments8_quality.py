@@ -11,9 +11,9 @@ train-state bytes per parameter.
 * ``default``: fp32 moments, int8, fp8, and int8 with ``.*embed.*:moments=float32`` (the embeddings keep
   fp32 moments), all with the default policy.
 * ``lowlr`` (use with ``--lr 2e-4``, section "The small-update regime"): ``bf16`` with int8 moments, and
-  ``pure-bf16`` with stochastic rounding and int8 moments (the 4-byte configuration). Its fp32-moment
-  reference is ``bf16`` in ``benchmarks/pure_bf16.py --lr 2e-4`` (2.2872; fp32 moments take the unchanged
-  ``optax.scale_by_adam`` path): pass it as ``--reference-loss``.
+  ``pure-bf16`` with stochastic rounding and int8 moments (the 4-byte configuration); ``lowlr-reference``
+  is its fp32-moment reference (``bf16``), a set of its own so that it can run alongside; pass its loss as
+  ``--reference-loss``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ RUN_SETS = {
         ("fp8 moments", dict(moment_dtype="fp8")),
         ("int8, embeddings fp32", dict(moment_dtype="int8", policy="auto;.*embed.*:moments=float32")),
     ),
+    "lowlr-reference": (("bf16, fp32 moments", dict(policy="bf16")),),
     "lowlr": (
         ("bf16, int8 moments", dict(policy="bf16", moment_dtype="int8")),
         (
