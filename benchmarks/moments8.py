@@ -6,7 +6,8 @@ Bytes: the params and optimizer state of ``gpt2`` built with ``jax.eval_shape`` 
 by ``jaxmp.lowp.state_bytes_per_param`` (8-bit codes, their fp32 block scales, the fp32 moments of norms,
 biases and small tensors, counters and PRNG keys all included). Step time: the default run's train step
 (gpt2-tiny, batch 32 x 64, the ``auto`` policy) with float32, bfloat16, int8 and fp8 moments, compiled
-first, then run round-robin; medians of wall and CPU time.
+first, then run round-robin; medians of wall and CPU time. Update alone: ``optimizer.update`` on one
+[4096, 4096] fp32 tensor (16.8M values, MiniLM's size), where the moments' element-wise work is all there is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import jax
+import jax.numpy as jnp
 from common import interleaved_times, lm_train_step, markdown_table, median, report
 
 import jaxmp
@@ -47,6 +49,22 @@ def bytes_per_param(policy: str, param_update: str, moment_dtype: str, override:
     return lowp.state_bytes_per_param(params, jax.eval_shape(optimizer.init, params))
 
 
+def update_only(moment_dtype: str):
+    """A blocking call of the jitted optimizer update on one 4096 x 4096 tensor (state donated)."""
+    optimizer = jaxmp.make_optimizer(moment_dtype=moment_dtype)
+    params = {"kernel": jnp.full((4096, 4096), 0.02)}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3), params)
+    update = jax.jit(optimizer.update, donate_argnums=1)
+    state = [optimizer.init(params)]
+
+    def run_once():
+        updates, state[0] = update(grads, state[0], params)
+        jax.block_until_ready((updates, state[0]))
+
+    run_once()
+    return run_once
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -70,7 +88,17 @@ def main() -> None:
         for moments in STEP_MOMENTS
     ]
     table = markdown_table(["moments", "wall ms/step", "CPU ms/step", "wall vs bf16", "compile s"], step_rows)
-    results = {"bytes_per_param": dict(byte_rows), "step_seconds": times}
+    updates = interleaved_times({moments: update_only(moments) for moments in STEP_MOMENTS}, args.repeats)
+    update_rows = [
+        (
+            moments,
+            f"{median(updates[moments]['wall']) * 1e3:.0f}",
+            f"{median(updates[moments]['cpu']) * 1e3:.0f}",
+        )
+        for moments in STEP_MOMENTS
+    ]
+    table += "\n\n" + markdown_table(["moments", "update alone, wall ms", "CPU ms"], update_rows)
+    results = {"bytes_per_param": dict(byte_rows), "step_seconds": times, "update_seconds": updates}
     report("8-bit moments: gpt2-tiny 32x64 train step, auto policy", table, results, args.json)
 
 
