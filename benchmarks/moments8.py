@@ -1,6 +1,6 @@
 """8-bit Adam moments: train-state bytes per parameter of gpt2 (124M), and step time against bf16 moments.
 
-    python benchmarks/moments8.py [--repeats 15] [--json moments8.json]
+    python benchmarks/moments8.py [--parts bytes,step,update] [--repeats 15] [--json moments8.json]
 
 Bytes: the params and optimizer state of ``gpt2`` built with ``jax.eval_shape`` (nothing allocated), counted
 by ``jaxmp.lowp.state_bytes_per_param`` (8-bit codes, their fp32 block scales, the fp32 moments of norms,
@@ -65,19 +65,18 @@ def update_only(moment_dtype: str):
     return run_once
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    byte_rows = [(name, f"{bytes_per_param(*case):.3f}") for name, *case in BYTES_CASES]
-    print(markdown_table(["gpt2 (124M) train state", "bytes/param"], byte_rows), "\n", flush=True)
+def bytes_table() -> tuple[str, dict]:
+    rows = [(name, f"{bytes_per_param(*case):.3f}") for name, *case in BYTES_CASES]
+    return markdown_table(["gpt2 (124M) train state", "bytes/param"], rows), dict(rows)
+
+
+def step_table(repeats: int) -> tuple[str, dict]:
     steps = {
         moments: lm_train_step("gpt2-tiny", "auto", 32, 64, moment_dtype=moments) for moments in STEP_MOMENTS
     }
-    times = interleaved_times({moments: step.run_once for moments, step in steps.items()}, args.repeats)
+    times = interleaved_times({moments: step.run_once for moments, step in steps.items()}, repeats)
     reference = median(times["bfloat16"]["wall"])
-    step_rows = [
+    rows = [
         (
             moments,
             f"{median(times[moments]['wall']) * 1e3:.0f}",
@@ -87,19 +86,47 @@ def main() -> None:
         )
         for moments in STEP_MOMENTS
     ]
-    table = markdown_table(["moments", "wall ms/step", "CPU ms/step", "wall vs bf16", "compile s"], step_rows)
-    updates = interleaved_times({moments: update_only(moments) for moments in STEP_MOMENTS}, args.repeats)
-    update_rows = [
+    headers = ["moments", "wall ms/step", "CPU ms/step", "wall vs bf16", "compile s"]
+    return markdown_table(headers, rows), times
+
+
+def update_table(repeats: int) -> tuple[str, dict]:
+    times = interleaved_times({moments: update_only(moments) for moments in STEP_MOMENTS}, repeats)
+    reference = median(times["bfloat16"]["wall"])
+    rows = [
         (
             moments,
-            f"{median(updates[moments]['wall']) * 1e3:.0f}",
-            f"{median(updates[moments]['cpu']) * 1e3:.0f}",
+            f"{median(times[moments]['wall']) * 1e3:.0f}",
+            f"{median(times[moments]['cpu']) * 1e3:.0f}",
+            f"{median(times[moments]['wall']) / reference:.3f}",
         )
         for moments in STEP_MOMENTS
     ]
-    table += "\n\n" + markdown_table(["moments", "update alone, wall ms", "CPU ms"], update_rows)
-    results = {"bytes_per_param": dict(byte_rows), "step_seconds": times, "update_seconds": updates}
-    report("8-bit moments: gpt2-tiny 32x64 train step, auto policy", table, results, args.json)
+    return markdown_table(["moments", "update alone, wall ms", "CPU ms", "wall vs bf16"], rows), times
+
+
+PARTS = {"bytes": lambda repeats: bytes_table(), "step": step_table, "update": update_table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--parts", default="bytes,step,update", help=f"comma-separated, of {', '.join(PARTS)}"
+    )
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    tables, results = [], {}
+    for part in args.parts.split(","):
+        table, results[part] = PARTS[part](args.repeats)
+        tables.append(table)
+        print(table, "\n", flush=True)
+    report(
+        "8-bit moments (gpt2 bytes; gpt2-tiny 32x64 step, auto policy; update alone)",
+        "\n\n".join(tables),
+        results,
+        args.json,
+    )
 
 
 if __name__ == "__main__":
