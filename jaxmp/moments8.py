@@ -49,6 +49,7 @@ __all__ = [
     "num_blocks",
     "quantize",
     "dequantize",
+    "is_quantized",
     "scale_by_adam_mixed",
 ]
 
@@ -198,7 +199,7 @@ def scale_by_adam_mixed(
 ) -> optax.GradientTransformation:
     """``lowp.scale_by_adam_lowp`` with each parameter's moments stored its own way, 8-bit codes included.
 
-    The arithmetic is ``scale_by_adam_lowp``'s, in fp32 (moments loaded, updated, clipped to the
+    The arithmetic is ``scale_by_adam_lowp``'s (its private helpers are reused, not copied), in fp32 (moments loaded, updated, clipped to the
     Cauchy-Schwarz bound, then stored again with stochastic rounding); each leaf's storage is read back
     from its state leaf, so ``update`` needs no configuration and a restored state carries its own layout.
     Both moments of a leaf use the same storage; a quantised first moment uses a signed code, the RMS
