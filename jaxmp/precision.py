@@ -5,10 +5,11 @@ Grammar (a superset of jmp's)::
     SPEC     := BASE (';' OVERRIDE)*
     BASE     := (PRESET | KEY '=' DTYPE) (',' KEY '=' DTYPE)*
     OVERRIDE := PATTERN ':' KEY '=' DTYPE (',' KEY '=' DTYPE)*
-    KEY      := params | p | compute | c | output | o | matmul | m | weights | w | kv
+    KEY      := params | p | compute | c | output | o | matmul | m | weights | w | kv | moments
     DTYPE    := float32 | f32 | fp32 | full | bfloat16 | bf16 | float16 | f16 | fp16 | half
                 (matmul: compute | fp8 | fp8-current | fp8-delayed[-HISTORY] | int8;
-                 weights: param | int8 | fp8;  kv: compute | int8 | fp8 | a float DTYPE)
+                 weights: param | int8 | fp8;  kv: compute | int8 | fp8 | a float DTYPE;
+                 moments: float32 | bfloat16 | int8 | fp8, and their float aliases)
     PRESET   := fp32 | bf16 | fp16 | pure-bf16 | fp8 | fp8-current | auto
 
 Differences from ``jmp.get_policy``:
@@ -40,6 +41,11 @@ Differences from ``jmp.get_policy``:
   with int32 accumulation: the activations are quantised per row (token) by their own absmax, the
   kernel per output channel (stored so with ``weights=int8``). A preset may be followed by more
   keys: ``bf16,weights=int8,matmul=int8,kv=int8``.
+* ``moments`` is the storage of Adam's moments for the params a module owns (``int8``/``fp8``:
+  block-wise quantised, :mod:`jaxmp.moments8`), replacing the optimizer's ``moment_dtype`` for
+  them, e.g. ``bf16;.*embed.*:moments=float32`` or, for every module, ``bf16;.*:moments=int8``.
+  Vectors (norms, biases) and tensors under 4096 values keep float32 moments even when 8-bit is
+  named (:func:`jaxmp.optim.moment_storages`).
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ _KEYS: Mapping[str, str] = {
     "weights": "weights",
     "w": "weights",
     "kv": "kv",
+    "moments": "moments",
 }
 _CANONICAL_KEY = {
     "param_dtype": "params",
@@ -100,12 +107,14 @@ _CANONICAL_KEY = {
     "matmul": "matmul",
     "weights": "weights",
     "kv": "kv",
+    "moments": "moments",
 }
 _FIELDS = ("param_dtype", "compute_dtype", "output_dtype")  # the dtypes, as jmp.Policy holds them
 _MODE_FIELDS = ("matmul", "weights", "kv")  # string-valued keys; each has a default that means "as before"
 _MODE_DEFAULTS = {"matmul": "compute", "weights": "param", "kv": "compute"}
-_ALL_FIELDS = (*_FIELDS, *_MODE_FIELDS)
+_ALL_FIELDS = (*_FIELDS, *_MODE_FIELDS, "moments")
 WEIGHT_FORMATS = ("param", "int8", "fp8")
+MOMENT_STORAGES = ("float32", "bfloat16", "int8", "fp8")  # values of the ``moments`` key
 # Module paths that compute in float32 unless a user override matches them first.
 FP32_ISLANDS = re.compile(r"(?i:.*norm.*)|(.*/)?softmax|(.*/)?logits")  # Flax names norms LayerNorm_0
 # Module paths whose matmuls stay out of fp8, and whose weights out of 8-bit storage, unless a user
@@ -185,9 +194,24 @@ def _parse_assignments(text: str, *, where: str) -> dict[str, Any]:
             )
         if field in _MODE_FIELDS:
             assignments[field] = _parse_mode(field, value, where=where)
+        elif field == "moments":
+            assignments[field] = _parse_moments(value, where=where)
         else:
             assignments[field] = parse_dtype(value)
     return assignments
+
+
+def _parse_moments(value: str, *, where: str) -> str:
+    """Canonical name (one of ``MOMENT_STORAGES``) of a ``moments`` value."""
+    name = value.strip().lower()
+    if name not in MOMENT_STORAGES:
+        try:
+            name = dtype_name(parse_dtype(name))
+        except ValueError:
+            name = ""
+    if name not in MOMENT_STORAGES:
+        raise ValueError(f"unknown moments {value!r} in {where}; valid: {', '.join(MOMENT_STORAGES)}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +227,8 @@ class Policy:
       weights: how a served model stores dense kernels: ``param`` (the param dtype), ``int8`` or ``fp8``.
       kv: how a served model stores its KV cache: ``compute`` (the attention layer's compute dtype),
         ``int8``, ``fp8`` or a float dtype name.
+      moments: storage of Adam's moments (one of ``MOMENT_STORAGES``); None leaves it to the optimizer's
+        ``moment_dtype``.
       overrides: ``((pattern, ((field, dtype), ...)), ...)`` in priority order.
     """
 
@@ -212,6 +238,7 @@ class Policy:
     matmul: str = "compute"
     weights: str = "param"
     kv: str = "compute"
+    moments: str | None = None
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @property
@@ -286,6 +313,11 @@ class Policy:
         }
         return tuple(sorted(named))
 
+    def moments_for(self, path: str) -> str | None:
+        """Storage of Adam's moments for the params of the module at ``path`` (e.g. ``token_embed``): the
+        first matching override's ``moments`` if it names one, else the base's (None: not set)."""
+        return self._override_for(path)[1].get("moments", self.moments)
+
     def fp8_recipe(self, path: str) -> Recipe | None:
         """The fp8 recipe of the module at ``path``'s matmuls; None when they do not run in fp8."""
         matmul = self.matmul_for(path)
@@ -339,10 +371,13 @@ class Policy:
         base += "".join(
             f",{f}={getattr(self, f)}" for f in _MODE_FIELDS if getattr(self, f) != _MODE_DEFAULTS[f]
         )
+        if self.moments is not None:
+            base += f",moments={self.moments}"
         parts = [base]
         for pattern, assignments in self.overrides:
             body = ",".join(
-                f"{_CANONICAL_KEY[f]}={d if f in _MODE_FIELDS else dtype_name(d)}" for f, d in assignments
+                f"{_CANONICAL_KEY[f]}={d if f in (*_MODE_FIELDS, 'moments') else dtype_name(d)}"
+                for f, d in assignments
             )
             parts.append(f"{pattern}:{body}")
         return ";".join(parts)

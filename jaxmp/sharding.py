@@ -2,7 +2,7 @@
 
 A mesh has two axes, ``data`` and ``fsdp``. The batch's leading dimension is split over
 both (each device sees ``batch_size / (data * fsdp)`` rows). Every floating-point state
-array of rank >= 1 (params, Adam moments, the MultiSteps accumulator) is split over
+array of rank >= 1 (params, Adam moments and their 8-bit codes, the MultiSteps accumulator) is split over
 ``fsdp`` along its largest dimension that ``fsdp`` divides, and replicated over ``data``;
 an array none of whose dimensions ``fsdp`` divides stays whole on every device and is
 reported. Counters, loss-scale state and PRNG keys are replicated.
@@ -191,6 +191,12 @@ class ShardingPlan:
     replicated: tuple[str, ...]
 
 
+def _is_sharded_dtype(dtype: Any) -> bool:
+    """Floating-point arrays, and the int8/uint8 codes of 8-bit Adam moments (``jaxmp.moments8``), which keep
+    their parameter's shape and so split exactly like it."""
+    return jnp.issubdtype(dtype, jnp.floating) or dtype in (jnp.int8, jnp.uint8)
+
+
 def plan_state_sharding(state: TrainState, mesh: Mesh) -> ShardingPlan:
     """FSDP shardings for ``state`` (arrays or ``jax.ShapeDtypeStruct`` leaves); its scalars and fp8
     scaling state are replicated."""
@@ -199,7 +205,7 @@ def plan_state_sharding(state: TrainState, mesh: Mesh) -> ShardingPlan:
 
     def leaf_sharding(path: str, leaf: Any) -> NamedSharding:
         # fp8 scaling state (a few floats per dot) stays whole: every device reads all of it.
-        if path.startswith("fp8/") or not (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1):
+        if path.startswith("fp8/") or not (_is_sharded_dtype(leaf.dtype) and leaf.ndim >= 1):
             return NamedSharding(mesh, PartitionSpec())
         spec = fsdp_partition(leaf.shape, fsdp)
         if fsdp > 1 and spec == PartitionSpec():

@@ -53,7 +53,7 @@ class TrainConfig:
     init: str | None = None  # Hugging Face directory to start from (config.json + weights)
     loss_scale: str = "auto"  # auto | none | dynamic | static:N (auto: dynamic iff fp16 computes)
     param_update: str = "nearest"  # low-precision params: nearest | stochastic | kahan rounding
-    moment_dtype: str = "float32"  # Adam moment dtype: float32 or bfloat16
+    moment_dtype: str = "float32"  # Adam moment storage: float32, bfloat16, int8 or fp8 (8-bit: block-wise)
     scan_layers: bool = False  # one nn.scan-ned block for all layers: compiles in a fraction of the time
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, more compute
     # data
@@ -167,7 +167,7 @@ class TrainConfig:
 FIELD_CHOICES = {
     "task": ("lm", "classify"),
     "param_update": ("nearest", "stochastic", "kahan"),
-    "moment_dtype": ("float32", "bfloat16"),
+    "moment_dtype": ("float32", "bfloat16", "int8", "fp8"),
 }
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)  # field name -> type hint, in field order
 _IGNORED_FILE_KEYS = ("identity", "resume", "overwrite")  # a run's record; flags acting on the run directory

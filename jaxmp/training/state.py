@@ -55,6 +55,7 @@ def make_state(
         total_steps=config.steps,
         param_update=config.param_update,
         moment_dtype=config.moment_dtype,
+        policy=config.precision_policy,
         seed=config.seed,
     )
     state = TrainState.create(
