@@ -235,10 +235,11 @@ _MAX_COMPILED = 8
 
 
 def _compiled_decode(args: tuple, model: Any, max_new_tokens: int) -> tuple[Any, float]:
-    """The compiled :func:`_decode` for these arguments' shapes and dtypes, and the seconds compiling it
-    took now (0 when an earlier call compiled it)."""
+    """The compiled :func:`_decode` for these arguments' shapes, dtypes and shardings, and the seconds
+    compiling it took now (0 when an earlier call compiled it)."""
     leaves, treedef = jax.tree.flatten(args)
-    key = (model, max_new_tokens, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+    shapes = tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None)) for leaf in leaves)
+    key = (model, max_new_tokens, treedef, shapes)
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     started = time.perf_counter()
