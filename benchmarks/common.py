@@ -210,3 +210,18 @@ def lm_train_step(
     if warm_up:
         lm.run_once()
     return lm
+
+
+def print_run_losses(
+    results: Sequence[dict[str, Any]], reference: float, ratio_header: str = "ratio"
+) -> None:
+    """Prints one row per training run's ``summary.json`` (with ``run``, its name): final validation loss,
+    its ratio to ``reference``, train-state bytes per parameter and wall time."""
+    print(
+        f"\n| run | final val loss | {ratio_header} | state bytes/param | wall s |\n| --- | --- | --- | --- | --- |"
+    )
+    for result in results:
+        print(
+            f"| {result['run']} | {result['final_val_loss']:.4f} | {result['final_val_loss'] / reference:.4f} "
+            f"| {result['state_bytes_per_param']:.2f} | {result['wall_seconds']:.0f} |"
+        )

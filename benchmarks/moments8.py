@@ -70,38 +70,34 @@ def bytes_table() -> tuple[str, dict]:
     return markdown_table(["gpt2 (124M) train state", "bytes/param"], rows), dict(rows)
 
 
-def step_table(repeats: int) -> tuple[str, dict]:
-    steps = {
-        moments: lm_train_step("gpt2-tiny", "auto", 32, 64, moment_dtype=moments) for moments in STEP_MOMENTS
-    }
-    times = interleaved_times({moments: step.run_once for moments, step in steps.items()}, repeats)
+def _timing_rows(times: dict, extra: dict[str, tuple[str, ...]] | None = None) -> list[tuple[str, ...]]:
+    """Per moment storage: median wall and CPU ms and the wall-time ratio to bf16 moments, then ``extra``."""
     reference = median(times["bfloat16"]["wall"])
-    rows = [
+    return [
         (
             moments,
             f"{median(times[moments]['wall']) * 1e3:.0f}",
             f"{median(times[moments]['cpu']) * 1e3:.0f}",
             f"{median(times[moments]['wall']) / reference:.3f}",
-            f"{steps[moments].compile_seconds:.1f}",
+            *(extra or {}).get(moments, ()),
         )
         for moments in STEP_MOMENTS
     ]
+
+
+def step_table(repeats: int) -> tuple[str, dict]:
+    steps = {
+        moments: lm_train_step("gpt2-tiny", "auto", 32, 64, moment_dtype=moments) for moments in STEP_MOMENTS
+    }
+    times = interleaved_times({moments: step.run_once for moments, step in steps.items()}, repeats)
+    rows = _timing_rows(times, {moments: (f"{step.compile_seconds:.1f}",) for moments, step in steps.items()})
     headers = ["moments", "wall ms/step", "CPU ms/step", "wall vs bf16", "compile s"]
     return markdown_table(headers, rows), times
 
 
 def update_table(repeats: int) -> tuple[str, dict]:
     times = interleaved_times({moments: update_only(moments) for moments in STEP_MOMENTS}, repeats)
-    reference = median(times["bfloat16"]["wall"])
-    rows = [
-        (
-            moments,
-            f"{median(times[moments]['wall']) * 1e3:.0f}",
-            f"{median(times[moments]['cpu']) * 1e3:.0f}",
-            f"{median(times[moments]['wall']) / reference:.3f}",
-        )
-        for moments in STEP_MOMENTS
-    ]
+    rows = _timing_rows(times)
     return markdown_table(["moments", "update alone, wall ms", "CPU ms", "wall vs bf16"], rows), times
 
 

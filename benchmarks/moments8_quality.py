@@ -23,6 +23,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from common import print_run_losses
+
 from jaxmp.training.config import TrainConfig
 from jaxmp.training.loop import run
 
@@ -64,12 +66,7 @@ def main() -> None:
             results.append({"run": name, **summary})
             print(json.dumps(results[-1]), flush=True)
     reference = args.reference_loss or results[0]["final_val_loss"]
-    print("\n| run | final val loss | ratio | state bytes/param | wall s |\n| --- | --- | --- | --- | --- |")
-    for result in results:
-        print(
-            f"| {result['run']} | {result['final_val_loss']:.4f} | {result['final_val_loss'] / reference:.4f} "
-            f"| {result['state_bytes_per_param']:.2f} | {result['wall_seconds']:.0f} |"
-        )
+    print_run_losses(results, reference, "ratio")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
