@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from jaxmp import lowp, moments8
+from jaxmp.module_policy import module_path_of
 from jaxmp.precision import Policy, get_policy
 
 __all__ = [
@@ -67,10 +68,7 @@ def moment_storages(params, moment_dtype: str | np.dtype = "float32", policy: Po
     default = _storage_name(moment_dtype)
 
     def storage(key_path, p) -> str:
-        module = "/".join(
-            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path[:-1]
-        )
-        named = policy.moments_for(module) if policy is not None else None
+        named = policy.moments_for(module_path_of(key_path)) if policy is not None else None
         chosen = named or default
         if chosen in moments8.KINDS and (jnp.ndim(p) < 2 or jnp.size(p) < MIN_QUANTIZED_SIZE):
             return "float32"

@@ -37,6 +37,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantize_params",
+    "reduced_axis",
     "int8_matmul",
 ]
 
@@ -84,6 +85,11 @@ def quantize(x: jax.Array, fmt: str, axis: int) -> tuple[jax.Array, jax.Array]:
 def dequantize(q: jax.Array, scale: jax.Array, axis: int, dtype: Any = jnp.float32) -> jax.Array:
     """``q * scale`` in ``dtype``; ``scale`` has ``q``'s shape without ``axis``."""
     return (q.astype(jnp.float32) * jnp.expand_dims(scale, axis)).astype(dtype)
+
+
+def reduced_axis(name: str) -> int:
+    """The axis whose amax sets each scale of the weight called ``name`` (``kernel``: 0, ``embedding``: 1)."""
+    return _REDUCED_AXIS[name]
 
 
 def quantize_params(params: Any, policy: Policy | str) -> Any:

@@ -27,12 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmp import hf, models
-from jaxmp.checkpoint import Checkpointer
+from jaxmp import models
 from jaxmp.data.classify import encode_texts, load_hf_tokenizer, padded_length
 from jaxmp.errors import UsageError
-from jaxmp.inference.load import serving_params
-from jaxmp.precision import Policy, get_policy
+from jaxmp.inference.load import (
+    checkpointer_with_a_checkpoint,
+    read_hf_directory,
+    serving_params,
+    serving_policy,
+)
+from jaxmp.precision import Policy
 from jaxmp.training.config import TrainConfig
 from jaxmp.training.run_dir import RunDir
 
@@ -104,14 +108,6 @@ def _require_classifier(config: Any, path: Path) -> None:
         raise UsageError(f"`model` {path} is {kind} without a classification head; {_VALID_MODEL}")
 
 
-def _load_hf(directory: Path, **config_overrides: Any) -> tuple[Any, Any]:
-    """The float32 model and params of a Hugging Face directory (the task from its ``architectures``)."""
-    try:
-        return hf.from_pretrained(directory, "fp32", **config_overrides)
-    except (ValueError, OSError) as error:
-        raise UsageError(f"`model` {directory}: {str(error).splitlines()[0]}") from None
-
-
 def _load_run(directory: Path) -> tuple[Any, Any, TrainConfig]:
     """A classify run's model, newest params (float32) and config."""
     run_dir = RunDir.open(directory)
@@ -120,21 +116,18 @@ def _load_run(directory: Path) -> tuple[Any, Any, TrainConfig]:
         raise UsageError(
             f"`model` {directory} is a run of task {config.task!r}, not classify; {_VALID_MODEL}"
         )
-    checkpointer = Checkpointer(run_dir.checkpoint_dir)
-    if checkpointer.latest_step() is None:
-        raise UsageError(f"run {directory} has no checkpoint yet in {run_dir.checkpoint_dir}")
+    checkpointer = checkpointer_with_a_checkpoint(run_dir)
     num_labels = checkpointer.param_shapes()["classifier/bias"][0]
     hf_log = logging.getLogger("jaxmp.hf")
     level = hf_log.level
     hf_log.setLevel(logging.ERROR)  # no warning that `init` lacks the head: the checkpoint holds it
     try:
-        model, params = _load_hf(
+        model, params = read_hf_directory(
             Path(config.init), task="classify", num_labels=num_labels, scan_layers=config.scan_layers
         )
     finally:
         hf_log.setLevel(level)
-    abstract = jax.eval_shape(lambda: params)
-    return model, checkpointer.restore_params(abstract), config
+    return model, checkpointer.restore_params(jax.eval_shape(lambda: params)), config
 
 
 def load_classifier(path: str | os.PathLike, policy: Policy | str = "fp32") -> Classifier:
@@ -149,10 +142,7 @@ def load_classifier(path: str | os.PathLike, policy: Policy | str = "fp32") -> C
       UsageError: an unknown path or policy, a model without a classification head (an LM, a run of
         another task), a missing checkpoint or tokenizer, weights beyond float16's range for fp16.
     """
-    try:
-        policy = get_policy(policy)
-    except ValueError as error:
-        raise UsageError(f"`policy`: {error}") from None
+    policy = serving_policy(policy)
     directory = Path(path)
     if not directory.is_dir():
         raise UsageError(f"`model` {path} is not a directory; {_VALID_MODEL}")
@@ -161,7 +151,7 @@ def load_classifier(path: str | os.PathLike, policy: Policy | str = "fp32") -> C
         tokenizer_dir = run_config.init
         sizes = (run_config.seq_len, run_config.pad_multiple, run_config.batch_size)
     elif (directory / "config.json").is_file():
-        model, params = _load_hf(directory)
+        model, params = read_hf_directory(directory)
         run_config, tokenizer_dir = None, directory
         sizes = (min(HF_SEQ_LEN, model.config.max_positions), HF_PAD_MULTIPLE, HF_BATCH_SIZE)
     else:

@@ -27,7 +27,16 @@ from jaxmp.precision import Policy, get_policy
 from jaxmp.training.config import TrainConfig
 from jaxmp.training.run_dir import RunDir
 
-__all__ = ["LoadedModel", "load_model", "with_policy", "serving_params", "check_float16_range"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "with_policy",
+    "serving_policy",
+    "serving_params",
+    "read_hf_directory",
+    "checkpointer_with_a_checkpoint",
+    "check_float16_range",
+]
 
 _FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)
 
@@ -103,18 +112,45 @@ def _load_run(directory: Path) -> tuple[Any, Any, TrainConfig, Tokenizer]:
     else:
         model = models.get_model(config.model, "fp32", vocab_size=tokenizer.vocab_size, **layers)
     abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), 1))
-    checkpointer = Checkpointer(run_dir.checkpoint_dir)
-    if checkpointer.latest_step() is None:
-        raise UsageError(f"run {directory} has no checkpoint yet in {directory / 'checkpoints'}")
-    model, params = models.for_decoding(model, checkpointer.restore_params(abstract))
+    params = checkpointer_with_a_checkpoint(run_dir).restore_params(abstract)
+    model, params = models.for_decoding(model, params)
     return model, params, config, tokenizer
 
 
-def _load_hf(directory: Path, **config_overrides: Any) -> tuple[Any, Any]:
+def checkpointer_with_a_checkpoint(run_dir: RunDir) -> Checkpointer:
+    """The run's :class:`Checkpointer`, which holds at least one checkpoint.
+
+    Raises:
+      UsageError: the run has no checkpoint yet.
+    """
+    checkpointer = Checkpointer(run_dir.checkpoint_dir)
+    if checkpointer.latest_step() is None:
+        raise UsageError(f"run {run_dir.path} has no checkpoint yet in {run_dir.checkpoint_dir}")
+    return checkpointer
+
+
+def read_hf_directory(directory: Path, **config_overrides: Any) -> tuple[Any, Any]:
+    """The float32 model and params of a Hugging Face directory (``hf.from_pretrained``).
+
+    Raises:
+      UsageError: the directory cannot be read as a GPT-2, BERT or Llama checkpoint.
+    """
     try:
-        model, params = hf.from_pretrained(directory, "fp32", **config_overrides)
+        return hf.from_pretrained(directory, "fp32", **config_overrides)
     except (ValueError, OSError) as error:
         raise UsageError(f"`model` {directory}: {str(error).splitlines()[0]}") from None
+
+
+def serving_policy(policy: Policy | str) -> Policy:
+    """``policy`` parsed; ``UsageError`` naming `policy` for a string that does not parse."""
+    try:
+        return get_policy(policy)
+    except ValueError as error:
+        raise UsageError(f"`policy`: {error}") from None
+
+
+def _load_hf(directory: Path, **config_overrides: Any) -> tuple[Any, Any]:
+    model, params = read_hf_directory(directory, **config_overrides)
     if not models.is_causal_lm(model.config):
         raise UsageError(f"`model` {directory} is not a causal language model; give a GPT-2 or Llama LM")
     return model, params
@@ -134,10 +170,7 @@ def load_model(
       UsageError: an unknown path or policy, a non-LM model, a missing tokenizer or checkpoint, a
         tokenizer with more ids than the model, or weights beyond float16's range for an fp16 policy.
     """
-    try:
-        policy = get_policy(policy)
-    except ValueError as error:
-        raise UsageError(f"`policy`: {error}") from None
+    policy = serving_policy(policy)
     directory = Path(path)
     run_config = None
     if (directory / "config.json").is_file() and (directory / "checkpoints").is_dir():

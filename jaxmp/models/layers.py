@@ -89,7 +89,7 @@ def _stored_weight(
     fmt = module.policy.weights_for(module.module_path)
     if fmt == "param":
         return module.param(name, init, shape, module.param_dtype), None
-    axis = 1 if name == "embedding" else 0
+    axis = quantize.reduced_axis(name)
     drawn: dict[str, jax.Array] = {}
 
     def draw(rng: jax.Array) -> dict[str, jax.Array]:  # both params come from one float draw
