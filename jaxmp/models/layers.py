@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
-from jaxmp import fastdot, fp8, quantize
+from jaxmp import cpu_matvec, fastdot, fp8, quantize
 from jaxmp.module_policy import resolve_subpath
 from jaxmp.precision import Policy
 
@@ -111,16 +111,28 @@ def _scaled_matmul(
     if module.policy.matmul_for(module.module_path) == "int8":  # int8 operands, int32 accumulation
         return quantize.int8_matmul(x, kernel, scale_F, contract_axis)
     dtype = module.dtype
-    y = fastdot.matmul(x.astype(dtype), kernel.astype(dtype), contract_axis)
+    x = x.astype(dtype)
+    rows_NxK = x.reshape(-1, x.shape[-1])
+    as_stored = kernel.dtype == dtype or kernel.dtype.itemsize == 1  # 8-bit weights are exact in `dtype`
+    if as_stored and cpu_matvec.supports(rows_NxK.shape[0], kernel.dtype):  # decoding on a CPU
+        columns = kernel.shape[1 - contract_axis]
+        scale_F = jnp.ones((columns,), jnp.float32) if scale_F is None else scale_F
+        y_NxF = cpu_matvec.matvec(rows_NxK.astype(jnp.float32), kernel, scale_F, contract_axis)
+        return y_NxF.reshape(*x.shape[:-1], columns)
+    y = fastdot.matmul(x, kernel.astype(dtype), contract_axis)
     return y if scale_F is None else y * _last_axis(scale_F, y.ndim)
 
 
 def _take_rows(table_VxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
-    """``table[ids]``: ``[B, L, D]`` rows in the table's dtype. A 16-bit float table is gathered as its
-    uint16 bits: XLA:CPU runs a bfloat16/float16 gather in float32, converting the whole table first,
-    and hoists that float32 copy out of a decode loop (twice the memory of fp32 weights at rest)."""
+    """``table[ids]``: ``[B, L, D]`` rows in the table's dtype. A 16-bit float table is not gathered by
+    XLA:CPU as it is: it runs a bfloat16/float16 gather in float32, converting the whole table first, and
+    hoists that float32 copy out of a decode loop (twice the memory of fp32 weights at rest). jaxmp's CPU
+    kernel copies the rows as stored; without it the table is gathered as its uint16 bits (a uint16 copy
+    of the table stays in the loop)."""
     if table_VxD.dtype.itemsize != 2 or not jnp.issubdtype(table_VxD.dtype, jnp.floating):
         return jnp.take(table_VxD, ids_BxL, axis=0)
+    if cpu_matvec.usable():
+        return cpu_matvec.take_rows(table_VxD, ids_BxL.reshape(-1)).reshape(*ids_BxL.shape, -1)
     bits_VxD = jax.lax.bitcast_convert_type(table_VxD, jnp.uint16)
     return jax.lax.bitcast_convert_type(jnp.take(bits_VxD, ids_BxL, axis=0), table_VxD.dtype)
 
