@@ -234,10 +234,6 @@ def _targets(by_key: dict, skip_torch: bool) -> dict[str, tuple[float, float]]:
             by_key[("jaxmp int8 weights", 1)]["tokens_per_s"] / fp32["tokens_per_s"],
             1.5,
         ),
-        "int8 weights + int8 dots / fp32, batch 1": (
-            by_key[("jaxmp int8 weights, int8 dots", 1)]["tokens_per_s"] / fp32["tokens_per_s"],
-            1.5,
-        ),
         "fp32 batch 1: share of the bandwidth bound": (fp32["share_of_bound"], 0.5),
         "program memory: fp32 / bf16 weights (>= 1/0.6)": (
             fp32["program_bytes"] / by_key[("jaxmp bf16 weights", 1)]["program_bytes"],
