@@ -32,11 +32,14 @@ import numpy as np
 
 from jaxmp import hardware
 
-__all__ = ["MAX_ROWS", "matvec", "supports", "take_rows", "usable"]
+__all__ = ["MAX_LOOKUP_IDS", "MAX_ROWS", "matvec", "supports", "take_rows", "usable"]
 
 # Rows of x per call: the kernel reads w once per 4 rows. Float weights take XLA's dot beyond one pass;
 # 8-bit weights up to a prompt's length (XLA's dot would first convert the whole weight to float32).
 MAX_ROWS = {1: 64, 2: 4, 4: 4}  # by the weight's bytes per value
+# Ids per lookup for take_rows: decoding steps and prompts. A training batch keeps XLA's gather, which
+# a mesh can shard (a custom call is run on whole, replicated operands).
+MAX_LOOKUP_IDS = 256
 _TARGET, _TAKE_ROWS_TARGET = "jaxmp_matvec", "jaxmp_take_rows"
 _SOURCE = Path(__file__).parent / "kernels" / "matvec.cc"
 _ENV = "JAXMP_CPU_MATVEC"

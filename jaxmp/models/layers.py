@@ -126,12 +126,12 @@ def _scaled_matmul(
 def _take_rows(table_VxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
     """``table[ids]``: ``[B, L, D]`` rows in the table's dtype. A 16-bit float table is not gathered by
     XLA:CPU as it is: it runs a bfloat16/float16 gather in float32, converting the whole table first, and
-    hoists that float32 copy out of a decode loop (twice the memory of fp32 weights at rest). jaxmp's CPU
-    kernel copies the rows as stored; without it the table is gathered as its uint16 bits (a uint16 copy
-    of the table stays in the loop)."""
+    hoists that float32 copy out of a decode loop (twice the memory of fp32 weights at rest). For
+    decoding's few ids jaxmp's CPU kernel copies the rows as stored; otherwise the table is gathered as
+    its uint16 bits (in a decode loop without the kernel, a uint16 copy of the table stays there)."""
     if table_VxD.dtype.itemsize != 2 or not jnp.issubdtype(table_VxD.dtype, jnp.floating):
         return jnp.take(table_VxD, ids_BxL, axis=0)
-    if cpu_matvec.usable():
+    if ids_BxL.size <= cpu_matvec.MAX_LOOKUP_IDS and cpu_matvec.usable():
         return cpu_matvec.take_rows(table_VxD, ids_BxL.reshape(-1)).reshape(*ids_BxL.shape, -1)
     bits_VxD = jax.lax.bitcast_convert_type(table_VxD, jnp.uint16)
     return jax.lax.bitcast_convert_type(jnp.take(bits_VxD, ids_BxL, axis=0), table_VxD.dtype)
