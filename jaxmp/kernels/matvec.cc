@@ -120,16 +120,15 @@ void ParallelBlocks(ffi::ThreadPool& pool, int64_t blocks, Body body) {
     std::atomic<int64_t> finished{0};
   };
   auto state = std::make_shared<State>();
-  auto drain = [state, blocks](const Body& run) {
+  auto drain = [state, blocks, body] {
     for (int64_t b; (b = state->next.fetch_add(1)) < blocks;) {
-      run(b);
+      body(b);
       state->finished.fetch_add(1, std::memory_order_release);
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks - 1);
-  auto shared_body = std::make_shared<Body>(body);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([drain, shared_body] { drain(*shared_body); });
-  drain(body);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([drain] { drain(); });
+  drain();
   while (state->finished.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
